@@ -143,7 +143,12 @@ class LastCheckpoint(Checkpoint):
         if trainer.global_step == self.saved_step or trainer.sanity_checking or self.path is None:
             return
         tmp = self.path + ".tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimiser, loops, data sampler
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimiser, loops, data sampler
+        except BaseException:
+            if trainer.is_global_zero and os.path.exists(tmp):  # a failed write leaves no partial file
+                os.remove(tmp)
+            raise
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         trainer.strategy.barrier("LastCheckpoint.save")
