@@ -1,34 +1,35 @@
 """DRCORL: a fast policy extracted from a frozen behaviour diffusion model under a cost budget.
 
-Stages: `BehaviorDiffusion` (VP-SDE noise prediction on all dataset actions), `RewardCritic` and a pessimistic
-`CostCritic` (IQL style, trained alone), then `DrcorlPolicy`, a tanh MLP (Gaussian or deterministic) that acts
-with one forward pass. With a = pi(s) (reparameterised), t ~ U(t_min, 1), eps ~ N(0, I), a_t = alpha_t a + sigma_t eps,
+Stages: `BehaviorDiffusion` (VP-SDE noise prediction on all dataset actions) and a `RewardCritic` (IQL), trained
+alone, then `DrcorlPolicy`, a tanh MLP (Gaussian or deterministic) that acts with one forward pass, trained together
+with its own cost critic. With a = pi(s) (reparameterised), t ~ U(t_min, 1), eps ~ N(0, I), a_t = alpha_t a + sigma_t eps,
 
-    L_reg = mean_b [w(t) (eps_theta(a_t, t, s) - eps)]_detached . a_t   (+ entropy_coef mean_b log pi(a|s), Gaussian)
+    L_reg = mean_b [w(t) (eps_theta(a_t, t, s) - eps)]_detached . a   (+ entropy_coef mean_b log pi(a|s), Gaussian)
 
-is the score-distillation surrogate of a reverse KL to the behaviour policy mu: its gradient wrt a is
-w(t) alpha_t (eps_theta - eps), and eps_theta(a_t, t, s) = -sigma_t grad log mu_t(a_t | s), so the step moves a up
-the noised behaviour density (the -eps term has zero mean given a and only lowers the variance); w = sigma_t^2 by
-default. The two steps add a critic term with a weight beta_k:
+is the score-distillation surrogate of a reverse KL to the behaviour policy mu (the reference's, on the clean
+action): its gradient wrt a is w(t) (eps_theta - eps), and eps_theta(a_t, t, s) = -sigma_t grad log mu_t(a_t | s),
+so the step moves a up the noised behaviour density (the -eps term has zero mean given a and only lowers the
+variance); w = sigma_t^2 by default. Training has two phases, as in the reference: `bc_steps` of L_reg alone
+(distillation of the behaviour policy), then guided steps k = 0, 1, ... that add a critic term with beta_k:
 
     L_r = L_reg - beta_k mean_b Q_r(s, a) / n_r        (reward step)
-    L_c = L_reg + beta_k mean_b Q_c(s, a) / n_c        (cost step)
+    L_c = L_reg + beta_k mean_b U_c(s, a) / n_c        (cost step)
 
-with n = mean_b |Q| (detached, as in TD3+BC; set `normalize_q=False` for n = 1), so beta_k is a scale-free
-trade-off and the same schedule serves any reward/cost scale. Which step is taken is decided each step from an
-*offline* estimate of the policy's episode cost, C_hat = mean_s Q_c(s, pi_mode(s)) (1 - gamma) T over the batch's
-dataset states (averaged over DDP ranks, optionally smoothed), T = max episode steps:
+with n = mean_b |Q| (detached, as in TD3+BC; `normalize_q=False` for n = 1), so beta_k is a scale-free trade-off.
+
+The cost critic sees the policy (`PolicyCostCritic`): an ensemble fitted at every step, phases alike, by fitted Q
+evaluation on the batch's dataset transitions with the policy's next actions a' = pi_mode(s') (no environment),
+and read pessimistically, U_c = mean + k std over its members. Which step is taken is decided from the offline
+estimate of the policy's episode cost C_hat = mean_{s0} U_c(s0, pi_mode(s0)) over a sample of the dataset's episode
+start states (averaged over DDP ranks, smoothed):
 
     C_hat <  limit - slack:  reward step         (zone 0)
     C_hat >  limit + slack:  cost step           (zone 2)
     otherwise:               PCGrad(grad L_r, grad L_c) / 2  (zone 1)
 
-With an IQL-style cost critic Q_c(s, a) = c + gamma V_c(s') and V_c an upper expectile over the *data's* actions,
-C_hat moves with the policy's first action only and carries the cost the data cannot avoid (states inside or
-headed into a hazard), so at T = max episode steps it can sit far from real episode costs (PointRobot data:
-8.8-9.2 for every policy against episode costs of 2-6). `calibrate_horizon=True` sets T instead, offline, so that
-the estimate of the data's own actions equals the data's mean episode cost:
-T = mean_episodes C / ((1 - gamma) mean_s Q_c(s, a_data)); the budget is then in episode-cost units.
+and the first `warmup_steps` guided steps are reward steps (the reference's 500). C_hat is a discounted episode
+cost (gamma = `cost_discount`): it moves with what the policy does at every state it reaches in the data, not only
+with its first action. The reward critic stays the frozen IQL one (the reference also refits it by TD; not done).
 
 PCGrad: where the two gradients conflict (g_r . g_c < 0) each is projected on the normal plane of the other
 before they are summed; the halving keeps the step on the scale of a single-objective step. The combination is
@@ -42,15 +43,15 @@ import copy
 from typing import Callable, Literal, Optional, Sequence, Union
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 from lightning_saferl.base import SafeRLModule
-from lightning_saferl.critics import CostCritic, RewardCritic
-from lightning_saferl.nets import DeterministicPolicy, NoiseResNet, TanhGaussianPolicy, polyak_update
+from lightning_saferl.critics import RewardCritic
+from lightning_saferl.nets import DeterministicPolicy, NoiseResNet, QEnsemble, TanhGaussianPolicy, polyak_update
 from lightning_saferl.nets.vpsde import VPSDE
 from lightning_saferl.policy import resolve_critic
 
-REWARD_ZONE, BOTH_ZONE, COST_ZONE = 0, 1, 2
+BC_ZONE, REWARD_ZONE, BOTH_ZONE, COST_ZONE = -1, 0, 1, 2
 WEIGHTINGS = ("sigma2", "constant", "alpha_over_sigma")
 
 
@@ -74,11 +75,6 @@ def choose_zone(cost_estimate: float, limit: float, slack: float) -> int:
     return BOTH_ZONE
 
 
-def offline_cost_estimate(q_c: torch.Tensor, discount: float, horizon: float) -> torch.Tensor:
-    """Episode cost of a policy from its cost values on dataset states: mean_s Q_c(s, pi(s)) (1 - gamma) T."""
-    return q_c.mean() * (1.0 - discount) * horizon
-
-
 def beta_schedule(step: int, scale: float = 0.01, power: float = 0.5, beta_max: Optional[float] = None) -> float:
     """beta_k = scale * k^power, capped at beta_max (None: no cap); power 0 gives a constant beta."""
     beta = scale * float(step) ** power
@@ -99,16 +95,83 @@ def sds_weight(sde: VPSDE, t: torch.Tensor, weighting: str) -> torch.Tensor:
 def score_distillation_loss(eps_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                             actions: torch.Tensor, obs: torch.Tensor, sde: VPSDE, t_min: float = 0.02,
                             weighting: str = "sigma2", generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Per-sample surrogate (B,): [w(t) (eps_fn(a_t, t, s) - eps)]_detached . a_t, t ~ U(t_min, 1),
-    a_t = alpha_t a + sigma_t eps. Its gradient wrt `actions` is w(t) alpha_t (eps_fn - eps)."""
+    """Per-sample surrogate (B,): [w(t) (eps_fn(a_t, t, s) - eps)]_detached . a, t ~ U(t_min, 1),
+    a_t = alpha_t a + sigma_t eps. Its gradient wrt `actions` is w(t) (eps_fn - eps)."""
     batch = actions.shape[0]
     dtype = torch.promote_types(actions.dtype, torch.float32)  # never draw t or eps in bf16 under autocast
     t = t_min + (1.0 - t_min) * torch.rand(batch, device=actions.device, dtype=dtype, generator=generator)
     eps = torch.randn(actions.shape, device=actions.device, dtype=dtype, generator=generator)
-    noisy = sde.add_noise(actions, t, eps)
     with torch.no_grad():
-        residual = sds_weight(sde, t, weighting).unsqueeze(-1) * (eps_fn(noisy.detach(), t, obs) - eps)
-    return (residual * noisy).sum(-1)
+        noisy = sde.add_noise(actions.detach(), t, eps)
+        residual = sds_weight(sde, t, weighting).unsqueeze(-1) * (eps_fn(noisy, t, obs) - eps)
+    return (residual * actions).sum(-1)
+
+
+def episode_starts(data) -> torch.Tensor:
+    """Row indices where the dataset's episodes begin: row 0 and every row after a `done` row."""
+    after_done = torch.nonzero(data.done[:-1] > 0).flatten() + 1
+    return torch.cat([after_done.new_zeros(1), after_done])
+
+
+class PolicyCostCritic(nn.Module):
+    """The discounted cost of a given policy pi, by fitted Q evaluation (FQE) on dataset transitions:
+
+        y_i = c + gamma mask Q'_i(s', a'),   a' = pi(s')   (drawn by the caller, no gradient)
+        L   = sum_i mean_b (Q_i(s, a) - y_i)^2            i = 1..E, member i bootstraps from its own target Q'_i,
+
+    Q' following Q by Polyak averaging (rate tau). The pessimistic value is U(s, a) = mean_i Q'_i + k std_i Q'_i
+    (sample std over members, k = `pessimism`), and pi's episode-cost estimate is mean_{s0} U(s0, pi(s0)) over
+    episode start states: its expected discounted cost, pessimistic where the members disagree."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256), members: int = 4,
+                 discount: float = 0.99, tau: float = 0.005, pessimism: float = 1.0):
+        super().__init__()
+        if members < 2:
+            raise ValueError(f"PolicyCostCritic needs members >= 2 (its pessimism uses their spread), got {members}")
+        self.discount, self.tau, self.pessimism = discount, tau, pessimism
+        self.q = QEnsemble(obs_dim, act_dim, tuple(hidden_dims), members)
+        self.q_target = copy.deepcopy(self.q).requires_grad_(False)
+
+    def td_loss(self, obs: torch.Tensor, actions: torch.Tensor, costs: torch.Tensor, next_obs: torch.Tensor,
+                next_actions: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            y = costs + self.discount * masks * self.q_target(next_obs, next_actions)  # (E, B)
+        return (self.q(obs, actions) - y).square().mean(dim=1).sum()
+
+    def update_target(self) -> None:
+        polyak_update(self.q_target, self.q, self.tau)
+
+    def upper(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """U(s, a) = mean + k std over the target members, (B,); differentiable wrt `actions`."""
+        qs = self.q_target(obs, actions)
+        return qs.mean(0) + self.pessimism * qs.std(0)
+
+    @torch.no_grad()
+    def estimate(self, start_obs: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """mean_{s0} U(s0, act(s0)): the policy's pessimistic discounted episode cost."""
+        return self.upper(start_obs, act(start_obs)).mean()
+
+
+def fit_policy_cost_critic(act: Callable[[torch.Tensor], torch.Tensor], data, steps: int, batch_size: int = 256,
+                           lr: float = 3e-4, seed: int = 0, **critic_args) -> PolicyCostCritic:
+    """A `PolicyCostCritic` of the policy `act` (obs -> actions, may be stochastic) fitted on the `Transitions`
+    `data` by `steps` Adam steps on uniformly drawn batches: the same loss DrcorlPolicy minimises while it trains."""
+    generator = torch.Generator(device=data.device).manual_seed(seed)
+    torch.manual_seed(seed)  # the members' initialisation and a stochastic policy's draws
+    critic = PolicyCostCritic(data.observations.shape[1], data.actions.shape[1], **critic_args).to(data.device)
+    optimizer = torch.optim.Adam(critic.q.parameters(), lr=lr)
+    masks = data.mask
+    for _ in range(steps):
+        i = torch.randint(len(masks), (batch_size,), device=data.device, generator=generator)
+        with torch.no_grad():
+            next_actions = act(data.next_observations[i])
+        loss = critic.td_loss(data.observations[i], data.actions[i], data.costs[i], data.next_observations[i],
+                              next_actions, masks[i])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        critic.update_target()
+    return critic
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -119,19 +182,21 @@ class BehaviorDiffusion(SafeRLModule):
 
         L = mean_b ||eps_theta(alpha_t a + sigma_t eps, t, s) - eps||^2,   t ~ U(t_min, 1),
 
-    trunk `NoiseResNet` fed the continuous time t. An EMA copy (rate `ema_tau`) is the model used downstream
-    (`eps`, `sample`, `act`). `act` draws one action per observation with the VP-SDE sampler: behaviour cloning
-    by diffusion, handy to check what the model learned."""
+    trunk `NoiseResNet` fed the continuous time t, its Fourier frequencies drawn with std `time_scale` (the
+    reference's 30 for t in [0, 1]; FISOR's 0.2 is made for integer steps 1..T and gives t in [0, 1] angles below
+    ~1 radian). An EMA copy (rate `ema_tau`) is the model used downstream (`eps`, `sample`, `act`). `act` draws one
+    action per observation with the VP-SDE sampler: behaviour cloning by diffusion, handy to check the model."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int = 256, num_blocks: int = 3, dropout: float = 0.1,
                  beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, lr: float = 3e-4,
                  cosine_decay_steps: Optional[int] = None, ema_tau: float = 0.005, sample_steps: int = 30,
-                 sample_order: int = 2):
+                 sample_order: int = 2, time_scale: float = 30.0):
         super().__init__()
         self.save_hyperparameters()
         self.lr, self.cosine_decay_steps = lr, cosine_decay_steps
         self.sde = VPSDE(beta_min, beta_max)
         self.net = NoiseResNet(obs_dim, act_dim, hidden_dim, num_blocks, dropout)
+        nn.init.normal_(self.net.time_embedding.weight, std=time_scale)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
 
     def train(self, mode: bool = True):
@@ -147,7 +212,7 @@ class BehaviorDiffusion(SafeRLModule):
         eps = self.net(self.sde.add_noise(actions, t, noise), t, obs)
         return {"diffusion_loss": (eps - noise).square().sum(-1).mean()}, {}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def after_optimizer_step(self) -> None:
         polyak_update(self.ema, self.net, self.hparams.ema_tau)
 
     def eps(self, noisy_action: torch.Tensor, t: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
@@ -170,45 +235,47 @@ class BehaviorDiffusion(SafeRLModule):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# stage 3: the fast policy
+# stage 2: the fast policy and its cost critic
 # ------------------------------------------------------------------------------------------------------------
-_FROZEN = (("behavior", BehaviorDiffusion), ("reward_critic", RewardCritic), ("cost_critic", CostCritic))
+_FROZEN = (("behavior", BehaviorDiffusion), ("reward_critic", RewardCritic))
 
 
 class DrcorlPolicy(SafeRLModule):
     """The DRCORL policy (module docstring). Frozen inputs, as modules or checkpoint paths: `behavior`
-    (BehaviorDiffusion), `reward_critic` (RewardCritic), `cost_critic` (CostCritic); they are saved with the
-    policy (weights and hparams), so a checkpoint loads standalone with `load_policy` and resumes training.
+    (BehaviorDiffusion) and `reward_critic` (RewardCritic); they are saved with the policy (weights and hparams),
+    so a checkpoint loads standalone with `load_policy` and resumes training. The cost critic is trained here.
 
     Args:
         head: "deterministic" (a = tanh(MLP(s))) or "gaussian" (tanh-squashed Gaussian, entropy term). The default
             is deterministic: the distillation surrogate is exact for a Dirac policy (its noised score is the -eps
-            baseline), while a Gaussian needs an entropy weight whose right value depends on w(t); on PointRobot it
-            also did better (return 3.27 vs 3.14 over 100 episodes at beta_scale 0.05, 3.01 vs 2.91 at 0.01, at
-            similar cost).
-        cost_limit, cost_slack: the budget on the estimated episode cost and the half-width of the PCGrad band.
-        max_episode_steps: T of the cost estimate; default the datamodule's `max_episode_steps`.
-        calibrate_horizon: T from the data at fit start (module docstring) instead of max_episode_steps.
-        beta_scale, beta_power, beta_max: beta_k = min(beta_max, beta_scale k^beta_power), k = global step.
-        warmup_steps: reward steps only (no zone rule) for the first steps.
+            baseline), while a Gaussian needs an entropy weight whose right value depends on w(t).
+        lr: one Adam step size for the policy and its cost critic.
+        cost_limit, cost_slack: the budget on the estimated (discounted) episode cost and the half-width of the
+            PCGrad band.
+        bc_steps: distillation-only steps before the guided phase (the cost critic trains in both).
+        warmup_steps: the first guided steps are reward steps (no zone rule).
+        beta_scale, beta_power, beta_max: beta_k = min(beta_max, beta_scale k^beta_power), k = guided step.
         t_min, weighting: the diffusion times and w(t) of the distillation term.
         entropy_coef: weight of mean log pi(a|s) (Gaussian head only).
         normalize_q: divide each Q term by its batch mean |Q| (detached).
-        estimate_smoothing: m in C <- m C + (1 - m) C_batch (0: the batch estimate alone).
+        cost_members, cost_discount, cost_tau, cost_pessimism, cost_hidden_dims: the `PolicyCostCritic`
+            (ensemble size, gamma, Polyak rate, k of mean + k std, widths).
+        estimate_states: episode start states drawn (with replacement) for each step's estimate.
+        estimate_smoothing: m in C <- m C + (1 - m) C_step (0: each step's estimate alone).
     """
 
     def __init__(self, obs_dim: int, act_dim: int,
                  behavior: Union[str, BehaviorDiffusion, None] = None,
                  reward_critic: Union[str, RewardCritic, None] = None,
-                 cost_critic: Union[str, CostCritic, None] = None,
                  head: Literal["deterministic", "gaussian"] = "deterministic", hidden_dims: Sequence[int] = (256, 256),
                  lr: float = 3e-4, cosine_decay_steps: Optional[int] = None,
-                 cost_limit: float = 10.0, cost_slack: float = 1.0, max_episode_steps: Optional[int] = None,
-                 calibrate_horizon: bool = False,
+                 cost_limit: float = 10.0, cost_slack: float = 1.0, bc_steps: int = 0, warmup_steps: int = 0,
                  beta_scale: float = 0.01, beta_power: float = 0.5, beta_max: Optional[float] = None,
-                 warmup_steps: int = 0, t_min: float = 0.02,
-                 weighting: Literal["sigma2", "constant", "alpha_over_sigma"] = "sigma2",
-                 entropy_coef: float = 0.01, normalize_q: bool = True, estimate_smoothing: float = 0.9):
+                 t_min: float = 0.02, weighting: Literal["sigma2", "constant", "alpha_over_sigma"] = "sigma2",
+                 entropy_coef: float = 0.01, normalize_q: bool = True,
+                 cost_members: int = 4, cost_discount: float = 0.99, cost_tau: float = 0.005,
+                 cost_pessimism: float = 1.0, cost_hidden_dims: Sequence[int] = (256, 256),
+                 estimate_states: int = 256, estimate_smoothing: float = 0.9):
         super().__init__()
         if head not in ("deterministic", "gaussian"):
             raise ValueError(f"DrcorlPolicy: head must be 'deterministic' or 'gaussian', got {head!r}")
@@ -221,11 +288,12 @@ class DrcorlPolicy(SafeRLModule):
         self.lr, self.cosine_decay_steps = lr, cosine_decay_steps
         head_cls = DeterministicPolicy if head == "deterministic" else TanhGaussianPolicy
         self.policy = head_cls(obs_dim, act_dim, tuple(hidden_dims))
+        self.cost_critic = PolicyCostCritic(obs_dim, act_dim, cost_hidden_dims, cost_members, cost_discount,
+                                            cost_tau, cost_pessimism)
         self.behavior = resolve_critic(behavior, BehaviorDiffusion)
         self.reward_critic = resolve_critic(reward_critic, RewardCritic)
-        self.cost_critic = resolve_critic(cost_critic, CostCritic)
         self.register_buffer("cost_estimate", torch.tensor(float("nan")))
-        self.horizon = max_episode_steps
+        self.register_buffer("start_obs", torch.zeros(0, obs_dim), persistent=False)  # set at fit start
 
     # -- frozen passengers: kept in eval mode, saved with the policy so a checkpoint can act and resume --------
     def train(self, mode: bool = True):
@@ -252,41 +320,24 @@ class DrcorlPolicy(SafeRLModule):
         if missing:
             raise ValueError(f"DrcorlPolicy needs trained {', '.join(missing)}: pass them as modules or checkpoint "
                              "paths (recipe: `inputs` of the policy stage).")
-        if self.hparams.calibrate_horizon:
-            self.horizon = self.calibrated_horizon(self.dataset().to(self.device))
-            rank_zero_info(f"DrcorlPolicy: calibrated horizon T = {self.horizon:.1f} steps")
-        elif self.hparams.max_episode_steps is None:
-            horizon = getattr(self.trainer.datamodule, "max_episode_steps", None)
-            if horizon is None:
-                raise ValueError("DrcorlPolicy: the datamodule has no `max_episode_steps`; pass max_episode_steps=T")
-            self.horizon = int(horizon)
+        data = self.dataset()
+        self.start_obs = data.observations[episode_starts(data)].to(self.device)
 
-    @torch.no_grad()
-    def calibrated_horizon(self, data, chunk: int = 65536) -> float:
-        """T such that the offline estimate of the data's own actions is the data's mean episode cost:
-        T = mean_episodes C / ((1 - gamma) mean_s Q_c(s, a_data))."""
-        size = data.observations.shape[0]
-        q_sum = sum(float(self.cost_critic.q_value(data.observations[i:i + chunk], data.actions[i:i + chunk]).sum())
-                    for i in range(0, size, chunk))
-        per_step = q_sum / size * (1.0 - self.cost_critic.hparams.discount)
-        episode_cost = float(data.episode_costs().mean())
-        if per_step <= 0 or episode_cost <= 0:
-            raise ValueError(f"DrcorlPolicy: cannot calibrate the horizon (mean episode cost {episode_cost:.4g}, "
-                             f"mean (1 - gamma) Q_c {per_step:.4g}; both must be > 0); set calibrate_horizon=False")
-        return episode_cost / per_step
+    def after_optimizer_step(self) -> None:
+        self.cost_critic.update_target()
 
     # -- training ----------------------------------------------------------------------------------------------
-    def estimate_cost(self, obs: torch.Tensor) -> torch.Tensor:
-        """C_hat = mean_s Q_c(s, pi_mode(s)) (1 - gamma) T over `obs` (no gradient, this rank's states only)."""
-        if self.horizon is None:
-            raise ValueError("DrcorlPolicy: episode length T unknown; pass max_episode_steps or fit with a datamodule")
-        with torch.no_grad():
-            q_c = self.cost_critic.q_value(obs, self.policy.mode(obs))
-        return offline_cost_estimate(q_c, self.cost_critic.hparams.discount, self.horizon)
+    def estimate_cost(self, start_obs: torch.Tensor) -> torch.Tensor:
+        """C_hat = mean_{s0} U_c(s0, pi_mode(s0)) over the given start states (this rank's draw only)."""
+        return self.cost_critic.estimate(start_obs, self.policy.mode)
 
-    def _shared_estimate(self, obs: torch.Tensor) -> float:
-        """The batch estimate averaged over ranks (every rank then picks the same zone), smoothed while training."""
-        estimate = self.estimate_cost(obs)
+    def _shared_estimate(self) -> float:
+        """A fresh estimate on drawn start states, averaged over ranks (every rank then picks the same zone),
+        smoothed while training."""
+        if self.start_obs.shape[0] == 0:
+            raise ValueError("DrcorlPolicy: no episode start states; fit it with an OfflineDataModule")
+        draw = torch.randint(self.start_obs.shape[0], (self.hparams.estimate_states,), device=self.start_obs.device)
+        estimate = self.estimate_cost(self.start_obs[draw])
         if self._trainer is not None and self.trainer.world_size > 1:
             estimate = self.trainer.strategy.reduce(estimate, reduce_op="mean")
         if self.training and torch.is_grad_enabled():
@@ -304,10 +355,19 @@ class DrcorlPolicy(SafeRLModule):
     def losses(self, batch: dict):
         h = self.hparams
         obs = batch["observations"]
-        step = self.global_step
-        estimate = self._shared_estimate(obs)
-        zone = REWARD_ZONE if step < h.warmup_steps else choose_zone(estimate, h.cost_limit, h.cost_slack)
-        beta = beta_schedule(step, h.beta_scale, h.beta_power, h.beta_max)
+        with torch.no_grad():
+            next_actions = self.policy.mode(batch["next_observations"])
+        critic_loss = self.cost_critic.td_loss(obs, batch["actions"], batch["costs"], batch["next_observations"],
+                                               next_actions, batch["masks"])
+        estimate = self._shared_estimate()
+        guided = self.global_step - h.bc_steps
+        if guided < 0:
+            zone = BC_ZONE
+        elif guided < h.warmup_steps:
+            zone = REWARD_ZONE
+        else:
+            zone = choose_zone(estimate, h.cost_limit, h.cost_slack)
+        beta = beta_schedule(max(guided, 0), h.beta_scale, h.beta_power, h.beta_max)
 
         if h.head == "gaussian":
             actions, log_prob = self.policy(obs)
@@ -316,30 +376,32 @@ class DrcorlPolicy(SafeRLModule):
         regulariser = score_distillation_loss(self.behavior.eps, actions, obs, self.behavior.sde, h.t_min,
                                               h.weighting).mean()
         extras = {"zone": obs.new_tensor(float(zone)), "cost_estimate": obs.new_tensor(estimate),
-                  "beta": obs.new_tensor(beta), "horizon": obs.new_tensor(float(self.horizon)),
-                  "regulariser": regulariser.detach()}
+                  "beta": obs.new_tensor(beta), "regulariser": regulariser.detach()}
         if log_prob is not None:
             regulariser = regulariser + h.entropy_coef * log_prob.mean()
             extras["entropy"] = -log_prob.detach().mean()
+        losses = {"cost_critic_loss": critic_loss}
 
         reward_loss = cost_loss = None
-        if zone != COST_ZONE:
+        if zone in (REWARD_ZONE, BOTH_ZONE):
             q_r = self.reward_critic.q_value(obs, actions)
             reward_loss = regulariser - beta * self._q_term(q_r)
             extras["q_reward"] = q_r.detach().mean()
-        if zone != REWARD_ZONE:
-            q_c = self.cost_critic.q_value(obs, actions)
+        if zone in (COST_ZONE, BOTH_ZONE):
+            q_c = self.cost_critic.upper(obs, actions)
             cost_loss = regulariser + beta * self._q_term(q_c)
             extras["q_cost"] = q_c.detach().mean()
-        if zone == REWARD_ZONE:
-            loss = reward_loss
+        if zone == BC_ZONE:
+            losses["policy_loss"] = regulariser
+        elif zone == REWARD_ZONE:
+            losses["policy_loss"] = reward_loss
         elif zone == COST_ZONE:
-            loss = cost_loss
+            losses["policy_loss"] = cost_loss
         elif self.training and torch.is_grad_enabled():
-            loss, extras["grad_cosine"] = self._pcgrad_surrogate(reward_loss, cost_loss)
+            losses["policy_loss"], extras["grad_cosine"] = self._pcgrad_surrogate(reward_loss, cost_loss)
         else:
-            loss = (reward_loss + cost_loss) / 2
-        return {"policy_loss": loss}, extras
+            losses["policy_loss"] = (reward_loss + cost_loss) / 2
+        return losses, extras
 
     def _pcgrad_surrogate(self, reward_loss: torch.Tensor, cost_loss: torch.Tensor):
         """(loss whose gradient wrt the policy parameters is PCGrad(g_r, g_c) / 2, cosine(g_r, g_c))."""
