@@ -5,3 +5,8 @@ __all__ = ["BCAll", "BCSafe", "FisorActor"]
 from lightning_saferl.actors.drcorl import BehaviorDiffusion, DrcorlPolicy
 
 __all__ += ["BehaviorDiffusion", "DrcorlPolicy"]
+from lightning_saferl.actors.bcq_lag import BCQLag
+from lightning_saferl.actors.coptidice import COptiDICE
+from lightning_saferl.actors.cpq import CPQ
+
+__all__ += ["BCQLag", "COptiDICE", "CPQ"]

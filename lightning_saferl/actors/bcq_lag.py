@@ -1,0 +1,226 @@
+"""BCQ-Lag: batch-constrained Q-learning (Fujimoto et al. 2019) with a PID Lagrange multiplier on a cost critic,
+the OSRL baseline "BCQL" (liuzuxin/OSRL, osrl/algorithms/bcql.py).
+
+Networks: a conditional VAE G(s, z) of the dataset actions, a perturbation actor xi(s, a) that moves a VAE action by
+at most phi, reward and cost critics Q_r, Q_c (2 members each) with Polyak target copies of critics and actor.
+One optimiser over the summed loss; every cross-term is detached, so each network only follows its own loss:
+
+    L_vae   = ||D(s, z) - a||^2 + beta KL(N(mu(s, a), sigma(s, a)) || N(0, I)),   z = mu + sigma eps
+    y_x     = x + gamma mask max_{j<n} [lmbda min_i Q'_x,i(s', a'_j) + (1 - lmbda) max_i Q'_x,i(s', a'_j)],
+              a'_j = xi'(s', G(s', z_j)),  x in {r, c}     (clipped double-Q target over n VAE candidates)
+    L_x     = sum_i mean_b (Q_x,i(s, a) - y_x)^2
+    L_actor = -mean_b min_i Q_r,i(s, pi(s)) + lambda mean_b (min_i Q_c,i(s, pi(s)) - q_thres),
+              pi(s) = xi(s, G(s, z)),  critics held fixed in this term,
+
+with q_thres = limit (1 - gamma^T) / ((1 - gamma) T): the discounted cost-to-go of a policy that spends the episode
+budget evenly over T steps. lambda follows a PID controller on e_k = mean_b Q_c(s, pi(s)) - q_thres (`PIDLagrangian`).
+Differences from OSRL: the cost target bootstraps through `mask` like the reward target (OSRL's never stops at episode
+ends), and `act` decodes z = 0 (the VAE's mean latent) so the policy is deterministic (OSRL draws z).
+
+Also here, shared by the other transition baselines: the VAE (`ActionVAE`), the Q threshold of a cost limit
+(`cost_threshold`, `CostLimitedModule`) and `frozen_call` (a critic term whose gradient reaches only the actions).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from lightning_saferl.base import SafeRLModule
+from lightning_saferl.nets import MLP, QEnsemble, polyak_update
+
+
+def cost_threshold(cost_limit: float, discount: float, horizon: int) -> float:
+    """Per-step Q threshold of an episode cost limit (OSRL's qc_thres): limit (1 - gamma^T) / ((1 - gamma) T)."""
+    if horizon <= 0:
+        raise ValueError(f"episode length T must be > 0, got {horizon}")
+    if discount == 1.0:
+        return float(cost_limit)
+    return cost_limit * (1.0 - discount ** horizon) / ((1.0 - discount) * horizon)
+
+
+def episode_steps(module: SafeRLModule, given: Optional[int]) -> int:
+    """T: `given`, else the attached datamodule's `max_episode_steps`."""
+    if given is not None:
+        return int(given)
+    datamodule = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
+    horizon = getattr(datamodule, "max_episode_steps", None)
+    if horizon is None:
+        raise ValueError(f"{type(module).__name__}: episode length unknown; pass max_episode_steps=T or fit with an "
+                         "OfflineDataModule")
+    return int(horizon)
+
+
+class CostLimitedModule(SafeRLModule):
+    """A module with hyperparameters cost_limit, discount and max_episode_steps (None: the datamodule's T)."""
+
+    @property
+    def q_threshold(self) -> float:
+        """The per-step Q threshold of the episode cost limit (`cost_threshold`)."""
+        h = self.hparams
+        return cost_threshold(h.cost_limit, h.discount, episode_steps(self, h.max_episode_steps))
+
+
+def frozen_call(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    """module(*args) with its parameters as constants: gradients reach the inputs only (an actor's critic term)."""
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, params, args)
+
+
+class ActionVAE(nn.Module):
+    """Conditional VAE of dataset actions (BCQ): encoder (s, a) -> N(mu, sigma) over z (dim 2 act_dim by default,
+    log sigma clamped to [-4, 15]), decoder a = tanh(D(s, z)). Sampled latents are N(0, I) clipped to +-0.5."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int = 400, latent_dim: Optional[int] = None):
+        super().__init__()
+        self.latent_dim = latent_dim or 2 * act_dim
+        self.encoder = MLP(obs_dim + act_dim, 2 * self.latent_dim, (hidden_dim, hidden_dim))
+        self.decoder = MLP(obs_dim + self.latent_dim, act_dim, (hidden_dim, hidden_dim))
+
+    def encode(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.encoder(torch.cat([obs, actions], -1)).chunk(2, dim=-1)
+        return mean, log_std.clamp(-4.0, 15.0).exp()
+
+    def decode(self, obs: torch.Tensor, z: Optional[torch.Tensor] = None, sample: bool = True) -> torch.Tensor:
+        """Actions for `obs` from latents z (default: clipped N(0, I) draws, or zeros when not `sample`)."""
+        if z is None:
+            shape = (obs.shape[0], self.latent_dim)
+            z = (torch.randn(shape, device=obs.device, dtype=obs.dtype).clamp(-0.5, 0.5) if sample
+                 else obs.new_zeros(shape))
+        return torch.tanh(self.decoder(torch.cat([obs, z], -1)))
+
+    @staticmethod
+    def _kl(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (1 + 2 * std.log() - mean.square() - std.square()).mean(-1)
+
+    def kl(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Per-sample KL(q(z|s, a) || N(0, I)), averaged over latent dimensions: (B,)."""
+        return self._kl(*self.encode(obs, actions))
+
+    def loss(self, obs: torch.Tensor, actions: torch.Tensor, beta: float) -> torch.Tensor:
+        """mean_b ||D(s, mu + sigma eps) - a||^2 / act_dim + beta mean_b KL."""
+        mean, std = self.encode(obs, actions)
+        recon = self.decode(obs, mean + std * torch.randn_like(std))
+        return (recon - actions).square().mean() + beta * self._kl(mean, std).mean()
+
+
+class PerturbationActor(nn.Module):
+    """xi(s, a) = clip(a + phi tanh(MLP(s, a)), -1, 1): a bounded correction of a candidate action (tanh hidden
+    units, as OSRL's MLPGaussianPerturbationActor)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int], phi: float):
+        super().__init__()
+        self.net = MLP(obs_dim + act_dim, act_dim, tuple(hidden_dims), activation="tanh")
+        self.phi = phi
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return (actions + self.phi * torch.tanh(self.net(torch.cat([obs, actions], -1)))).clamp(-1.0, 1.0)
+
+
+class PIDLagrangian(nn.Module):
+    """PID Lagrange multiplier (Stooke et al. 2020, as OSRL's LagrangianPIDController), state in buffers:
+
+        e_k = error,  I_k = relu(I_{k-1} + e_k),  lambda_k = relu(K_P relu(e_k) + K_I I_k + K_D relu(e_k - e_{k-1}))
+
+    so lambda grows while the cost is above its threshold (e > 0) and decays to 0 below it."""
+
+    def __init__(self, kp: float, ki: float, kd: float):
+        super().__init__()
+        self.kp, self.ki, self.kd = kp, ki, kd
+        self.register_buffer("integral", torch.zeros(()))
+        self.register_buffer("previous_error", torch.zeros(()))
+        self.register_buffer("multiplier", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, error: torch.Tensor) -> torch.Tensor:
+        error = error.detach().to(self.integral.dtype)
+        self.integral.copy_(torch.relu(self.integral + error))
+        rise = torch.relu(error - self.previous_error)
+        self.multiplier.copy_(torch.relu(self.kp * torch.relu(error) + self.ki * self.integral + self.kd * rise))
+        self.previous_error.copy_(error)
+        return self.multiplier.clone()
+
+
+def clipped_double_q(qs: torch.Tensor, lmbda: float) -> torch.Tensor:
+    """lmbda min_i Q_i + (1 - lmbda) max_i Q_i over the members (first dimension)."""
+    return lmbda * qs.min(0).values + (1.0 - lmbda) * qs.max(0).values
+
+
+class BCQLag(CostLimitedModule):
+    """BCQ-Lag (module docstring). Defaults: OSRL examples/configs/bcql_configs.py.
+
+    Args:
+        hidden_dims / critic_hidden_dims / vae_hidden_dim: actor, critics (2 members each) and VAE widths.
+        cost_limit: episode cost limit; max_episode_steps: its T (default: the datamodule's).
+        reward_scale: rewards are multiplied by it (OSRL's reward_scale).
+        phi: the largest perturbation; lmbda: weight of the member min in the target; num_samples: n candidates.
+        vae_beta: weight of the VAE's KL term; pid: (K_P, K_I, K_D) of the multiplier.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256),
+                 critic_hidden_dims: Sequence[int] = (256, 256), vae_hidden_dim: int = 400, lr: float = 1e-3,
+                 cost_limit: float = 10.0, max_episode_steps: Optional[int] = None, discount: float = 0.99,
+                 reward_scale: float = 1.0, tau: float = 0.005, phi: float = 0.05, lmbda: float = 0.75,
+                 vae_beta: float = 0.5, num_samples: int = 10, pid: Sequence[float] = (0.1, 0.003, 0.001)):
+        super().__init__()
+        if len(pid) != 3:
+            raise ValueError(f"BCQLag: pid must be (K_P, K_I, K_D), got {pid!r}")
+        self.save_hyperparameters()
+        self.lr = lr
+        self.vae = ActionVAE(obs_dim, act_dim, vae_hidden_dim)
+        self.actor = PerturbationActor(obs_dim, act_dim, hidden_dims, phi)
+        self.critic = QEnsemble(obs_dim, act_dim, tuple(critic_hidden_dims), 2)
+        self.cost_critic = QEnsemble(obs_dim, act_dim, tuple(critic_hidden_dims), 2)
+        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.cost_critic_target = copy.deepcopy(self.cost_critic).requires_grad_(False)
+        self.lagrangian = PIDLagrangian(*pid)
+
+    def _target(self, signal, next_obs, mask, target_critic) -> torch.Tensor:
+        n = self.hparams.num_samples
+        next_rep = next_obs.repeat_interleave(n, 0)
+        next_actions = self.actor_target(next_rep, self.vae.decode(next_rep))
+        q_next = clipped_double_q(target_critic(next_rep, next_actions), self.hparams.lmbda)
+        return signal + self.hparams.discount * mask * q_next.view(-1, n).max(1).values
+
+    def losses(self, batch: dict):
+        h = self.hparams
+        obs, actions, mask = batch["observations"], batch["actions"], batch["masks"]
+        with torch.no_grad():
+            next_obs = batch["next_observations"]
+            y_r = self._target(h.reward_scale * batch["rewards"], next_obs, mask, self.critic_target)
+            y_c = self._target(batch["costs"], next_obs, mask, self.cost_critic_target)
+        q_r, q_c = self.critic(obs, actions), self.cost_critic(obs, actions)
+
+        pi = self.actor(obs, self.vae.decode(obs).detach())
+        q_r_pi = frozen_call(self.critic, obs, pi).min(0).values
+        q_c_pi = frozen_call(self.cost_critic, obs, pi).min(0).values
+        threshold = self.q_threshold
+        multiplier = self._multiplier(q_c_pi.detach().mean() - threshold)
+        losses = {"vae_loss": self.vae.loss(obs, actions, h.vae_beta),
+                  "critic_loss": (q_r - y_r).square().mean(1).sum(),
+                  "cost_critic_loss": (q_c - y_c).square().mean(1).sum(),
+                  "actor_loss": -q_r_pi.mean() + multiplier * (q_c_pi - threshold).mean()}
+        return losses, {"multiplier": multiplier, "q_cost_pi": q_c_pi.detach().mean(),
+                        "q_reward_pi": q_r_pi.detach().mean()}
+
+    def _multiplier(self, error: torch.Tensor) -> torch.Tensor:
+        """lambda: updated from this batch's error while training (mean over DDP ranks), read-only otherwise."""
+        if not (self.training and torch.is_grad_enabled()):
+            return self.lagrangian.multiplier.clone()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            error = self.trainer.strategy.reduce(error, reduce_op="mean")
+        return self.lagrangian.update(error)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        tau = self.hparams.tau
+        polyak_update(self.critic_target, self.critic, tau)
+        polyak_update(self.cost_critic_target, self.cost_critic, tau)
+        polyak_update(self.actor_target, self.actor, tau)
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """xi(s, G(s, 0)): the perturbed decoding of the VAE's mean latent."""
+        return self.actor(obs, self.vae.decode(obs, sample=False))
