@@ -10,6 +10,10 @@ Metrics over episodes (std is the population std, ddof = 0):
     length_mean, episodes
     normalized_return                    mean of (R - R_min) / (R_max - R_min)        [tasks with DSRL references]
     normalized_cost                      mean of (C + e) / (limit + e), e = 1 iff limit == 0   [same]
+
+The field's protocol scores a policy at several cost limits (`limit_scores`): per limit L,
+    normalized_cost@L = mean of (C + e) / (L + e) = (cost_mean + e) / (L + e)   (the score is linear in C)
+    safe@L            = normalized_cost@L <= 1
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["EpisodeRunner", "rank_slice", "merge_episodes", "summarize_episodes", "EPISODE_KEYS"]
+__all__ = ["EpisodeRunner", "rank_slice", "merge_episodes", "summarize_episodes", "EPISODE_KEYS", "cost_limit_list",
+           "limit_key", "limit_scores"]
 
 #: keys of the per-episode arrays returned by `EpisodeRunner.run_episodes`
 EPISODE_KEYS = ("index", "return", "cost", "length", "violations", "success")
@@ -88,6 +93,29 @@ def summarize_episodes(episodes: Mapping[str, np.ndarray], task_spec: Any = None
         metrics["normalized_return"] = float(np.mean(task_spec.normalized_return(returns)))
         metrics["normalized_cost"] = float(np.mean(task_spec.normalized_cost(costs, limit)))
     return metrics
+
+
+def cost_limit_list(value: Union[float, Sequence[float]], where: str = "cost_limits") -> list[float]:
+    """A cost limit or a list of them as a non-empty list of floats >= 0."""
+    limits = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    if not limits or any(not np.isfinite(v) or v < 0 for v in limits):
+        raise ValueError(f"{where}: expected one or more finite cost limits >= 0, got {value!r}")
+    return limits
+
+
+def limit_key(limit: float) -> str:
+    """How a limit is written in metric names: 10.0 -> '10', 2.5 -> '2.5'."""
+    return f"{float(limit):g}"
+
+
+def limit_scores(cost_mean: float, task_spec: Any, limits: Sequence[float]) -> dict[str, Any]:
+    """``normalized_cost@L`` and ``safe@L`` (module docstring) for every limit L, from the mean episode cost."""
+    scores: dict[str, Any] = {}
+    for limit in limits:
+        normalized = float(task_spec.normalized_cost(float(cost_mean), limit))
+        scores[f"normalized_cost@{limit_key(limit)}"] = normalized
+        scores[f"safe@{limit_key(limit)}"] = normalized <= 1.0
+    return scores
 
 
 def _default_env_factory(task_id: str) -> gym.Env:
