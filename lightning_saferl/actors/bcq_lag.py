@@ -178,20 +178,19 @@ class BCQLag(CostLimitedModule):
         self.cost_critic_target = copy.deepcopy(self.cost_critic).requires_grad_(False)
         self.lagrangian = PIDLagrangian(*pid)
 
-    def _target(self, signal, next_obs, mask, target_critic) -> torch.Tensor:
-        n = self.hparams.num_samples
-        next_rep = next_obs.repeat_interleave(n, 0)
-        next_actions = self.actor_target(next_rep, self.vae.decode(next_rep))
-        q_next = clipped_double_q(target_critic(next_rep, next_actions), self.hparams.lmbda)
-        return signal + self.hparams.discount * mask * q_next.view(-1, n).max(1).values
-
     def losses(self, batch: dict):
         h = self.hparams
         obs, actions, mask = batch["observations"], batch["actions"], batch["masks"]
-        with torch.no_grad():
-            next_obs = batch["next_observations"]
-            y_r = self._target(h.reward_scale * batch["rewards"], next_obs, mask, self.critic_target)
-            y_c = self._target(batch["costs"], next_obs, mask, self.cost_critic_target)
+        with torch.no_grad():  # n candidates per next state, shared by both targets
+            next_rep = batch["next_observations"].repeat_interleave(h.num_samples, 0)
+            next_actions = self.actor_target(next_rep, self.vae.decode(next_rep))
+
+            def target(signal, critic):
+                q_next = clipped_double_q(critic(next_rep, next_actions), h.lmbda).view(-1, h.num_samples)
+                return signal + h.discount * mask * q_next.max(1).values
+
+            y_r = target(h.reward_scale * batch["rewards"], self.critic_target)
+            y_c = target(batch["costs"], self.cost_critic_target)
         q_r, q_c = self.critic(obs, actions), self.cost_critic(obs, actions)
 
         pi = self.actor(obs, self.vae.decode(obs).detach())
