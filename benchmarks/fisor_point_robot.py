@@ -1,120 +1,194 @@
-"""FISOR on the default PointRobot data, against BC-All and BC-Safe on the same data.
+"""FISOR on PointRobot over training seeds and two datasets, against BC-All and BC-Safe on the same data.
 
-    python benchmarks/fisor_point_robot.py [--run_dir benchmarks/out/fisor_point_robot] [--quick]
+    python benchmarks/fisor_point_robot.py [--seeds 0 1 2] [--datasets mixed scarce] [--start_seed 0]
+                                           [--run_dir benchmarks/out/fisor_point_robot] [--quick]
 
-Trains the recipe configs/fisor/point_robot.yaml (feasibility critic, reward critic, diffusion actor) and
-the two BC baselines, then measures:
-  feasible_region_iou            mean IoU of {V_h <= 0} with the oracle's feasible set on three (v, theta) slices
-  standard_start_*               episodes from the standard start (different seeds) and their violating steps
-  feasible_start_violation_rate  share of episodes from random oracle-feasible starts that ever violate
-  bc_all/bc_safe_violation_rate  the same for the baselines
-  goal_rate, return_mean         of FISOR from the feasible starts (goal_rate: share reaching the goal)
-and writes the learned feasible region against the oracle's boundary to <run_dir>/feasible_region.png.
-The last line of stdout is one JSON object with these figures. Re-running on the same run_dir reuses the
-trained stages.
+Datasets (generated, data seed 0): ``mixed`` (the default data) and ``scarce`` (safe expert episodes <= 10 %;
+figures with the suffix ``_scarce``). For every dataset and seed S: the recipe configs/fisor/point_robot.yaml
+runs as a pipeline (``--seed_everything S --data.seed S``) in its own run directory, and BC-All / BC-Safe train
+with seed S. Per seed it measures:
+  feasible_region_iou, shadow_recall, false_infeasible_rate   the critic's {V_h <= 0} against the oracle on the
+                                 (v, theta) grid slices; with ``dataset_`` in front, on the dataset's own states.
+                                 Shadow: oracle-infeasible states outside the hazards. The trivial rule
+                                 "feasible iff h(s) <= 0" is scored beside (``trivial_*``; its shadow recall is 0).
+  standard_start_violations      violating steps over the episodes from the standard start
+  feasible_start_violation_rate  share of episodes from held-out oracle-feasible starts that ever violate, and
+  goal_rate, return_mean         of FISOR, BC-All and BC-Safe from the same starts
+then every seed's figures, their mean and standard deviation, and as the last stdout line one JSON object.
+
+Held-out starts: drawn from the evaluation stream ``EVALUATION_STREAM + start_seed``
+(`lightning_saferl.envs.oracle.feasible_starts`), never used by data collection, and checked to contain no row of
+the dataset. Reported figures use ``--start_seed 0``; tune with other start seeds (e.g. ``--start_seed 1``).
+Re-running on the same run_dir reuses finished stages of the same config (BC checkpoints are named by seed,
+dataset and steps). Figures: <run_dir>/<dataset>/seed<S>/feasible_region.png (the oracle's shadow hatched).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 
 from lightning_saferl.actors import BCAll, BCSafe
-from lightning_saferl.callbacks.feasible_region import DEFAULT_SLICES, plot_feasible_region
+from lightning_saferl.callbacks.feasible_region import DEFAULT_SLICES, plot_feasible_region, region_scores
+from lightning_saferl.data.collect import summarize
 from lightning_saferl.data.datamodule import OfflineDataModule
-from lightning_saferl.envs.oracle import is_feasible
-from lightning_saferl.envs.point_robot import sample_random_starts
+from lightning_saferl.envs import point_robot as pr
+from lightning_saferl.envs.oracle import dataset_rows_among, feasibility_scores, feasible_starts, is_feasible
 from lightning_saferl.evaluation import EpisodeRunner
 from lightning_saferl.pipeline import build_parser, print_table, run_pipeline
 from lightning_saferl.policy import load_module
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "fisor" / "point_robot.yaml"
+GRID = 101  # grid points per axis of each slice
+SUMMARY_KEYS = ("feasible_start_violation_rate", "bc_safe_violation_rate", "bc_all_violation_rate", "goal_rate",
+                "bc_safe_goal_rate", "bc_all_goal_rate", "return_mean", "bc_safe_return_mean", "shadow_recall",
+                "false_infeasible_rate", "feasible_region_iou", "dataset_shadow_recall",
+                "dataset_false_infeasible_rate", "standard_start_violations", "standard_start_goal_rate")
 
 
-def feasible_starts(count: int, seed: int) -> list[dict]:
-    """`count` random starts (the env's random-start distribution) that the oracle calls feasible."""
-    states = sample_random_starts(20 * count, generator=torch.Generator().manual_seed(seed))
-    chosen = states[is_feasible(states)][:count]
-    if len(chosen) < count:
-        raise RuntimeError(f"only {len(chosen)} feasible starts among {len(states)} draws")
-    return [{"state": s.tolist()} for s in chosen]
+def dataset_figures(data: OfflineDataModule) -> dict:
+    """Episodes, returns, costs, unsafe and goal-reaching shares of the dataset, and the oracle on its states."""
+    t = data.load()
+    arrays = {"rewards": t.rewards.numpy(), "costs": t.costs.numpy(), "terminals": t.terminals.numpy(),
+              "timeouts": t.timeouts.numpy()}
+    stats = summarize(arrays)
+    ends = np.flatnonzero((arrays["terminals"] > 0) | (arrays["timeouts"] > 0))
+    final_states = pr.state_from_observation(t.next_observations[ends].double())
+    stats["goal_episode_share"] = float(pr.reached_goal(final_states).sum()) / stats["episodes"]
+    states = pr.state_from_observation(t.observations.double())
+    return {"stats": stats, "observations": t.observations, "oracle": is_feasible(states),
+            "hazard": pr.in_hazard(states)}
 
 
-def train_bc(cls, steps: int, run_dir: Path, seed: int):
-    path = run_dir / f"{cls.__name__.lower()}.ckpt"
+def train_bc(cls, steps: int, seed_dir: Path, seed: int, behavior: str):
+    """BC-All / BC-Safe with seed `seed` on the dataset `behavior` (checkpoint named by class and steps)."""
+    path = seed_dir / f"{cls.__name__.lower()}_steps{steps}.ckpt"
     if path.exists():
         return load_module(str(path))
     L.seed_everything(seed)
-    model = cls(obs_dim=11, act_dim=2)
+    model = cls(obs_dim=pr.OBS_DIM, act_dim=pr.ACT_DIM)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(model, datamodule=OfflineDataModule(task="PointRobot-v0", batch_size=256, seed=seed))
+                        enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=OfflineDataModule(task=pr.ENV_ID, batch_size=256, seed=seed, behavior=behavior))
     trainer.save_checkpoint(path)
     return model
 
 
+def run_seed(seed: int, behavior: str, data: dict, starts: list[dict], args, run_dir: Path) -> dict:
+    started = time.time()
+    seed_dir = run_dir / behavior / f"seed{seed}"
+    pipeline_args = ["--config", str(RECIPE), "--run_dir", str(seed_dir / "fisor"), "--seed_everything", str(seed),
+                     "--data.seed", str(seed), "--data.behavior", behavior]
+    if args.quick:
+        pipeline_args.append("--smoke")
+    run_pipeline(build_parser().parse_args(pipeline_args))
+    actor = load_module(str(seed_dir / "fisor" / "actor" / "model.ckpt")).eval()
+    critic = actor.feasibility_critic
+    with torch.no_grad():
+        value_fn = lambda obs: critic.value(obs)  # noqa: E731
+        _, ious = plot_feasible_region(value_fn, DEFAULT_SLICES, GRID, str(seed_dir / "feasible_region.png"))
+        grid = region_scores(value_fn, DEFAULT_SLICES, GRID)
+        on_data = feasibility_scores(critic.feasible(data["observations"]), data["oracle"], data["hazard"])
+    bc_all = train_bc(BCAll, args.bc_steps, seed_dir, seed, behavior).eval()
+    bc_safe = train_bc(BCSafe, args.bc_steps, seed_dir, seed, behavior).eval()
+
+    L.seed_everything(seed)  # the policies' own sampling
+    standard = EpisodeRunner(pr.ENV_ID, episodes=args.standard_episodes, num_envs=args.standard_episodes,
+                             seed=args.start_seed).run_episodes(actor)
+    episodes = {}
+    for name, policy in (("fisor", actor), ("bc_all", bc_all), ("bc_safe", bc_safe)):
+        runner = EpisodeRunner(pr.ENV_ID, episodes=len(starts), num_envs=100, seed=args.start_seed,
+                               reset_options=starts)
+        episodes[name] = runner.run_episodes(policy)
+    violation_rate = {name: float((e["violations"] > 0).mean()) for name, e in episodes.items()}
+    return {
+        "feasible_region_iou": grid["iou"], "feasible_region_iou_per_slice": [round(x, 4) for x in ious],
+        "shadow_recall": grid["shadow_recall"], "false_infeasible_rate": grid["false_infeasible_rate"],
+        "dataset_feasible_region_iou": on_data["iou"], "dataset_shadow_recall": on_data["shadow_recall"],
+        "dataset_false_infeasible_rate": on_data["false_infeasible_rate"],
+        "standard_start_episodes": int(len(standard["index"])),
+        "standard_start_violations": int(standard["violations"].sum()),
+        "standard_start_goal_rate": float(standard["success"].mean()),
+        "feasible_start_violation_rate": violation_rate["fisor"],
+        "bc_all_violation_rate": violation_rate["bc_all"], "bc_safe_violation_rate": violation_rate["bc_safe"],
+        "goal_rate": float(episodes["fisor"]["success"].mean()),
+        "bc_all_goal_rate": float(episodes["bc_all"]["success"].mean()),
+        "bc_safe_goal_rate": float(episodes["bc_safe"]["success"].mean()),
+        "return_mean": float(episodes["fisor"]["return"].mean()),
+        "bc_all_return_mean": float(episodes["bc_all"]["return"].mean()),
+        "bc_safe_return_mean": float(episodes["bc_safe"]["return"].mean()),
+        "minutes": (time.time() - started) / 60,
+    }
+
+
+def run_dataset(behavior: str, args, run_dir: Path) -> dict:
+    """Every seed on one dataset; returns the JSON figures of that dataset (keys without suffix)."""
+    datamodule = OfflineDataModule(task=pr.ENV_ID, behavior=behavior)
+    datamodule.prepare_data()
+    data = dataset_figures(datamodule)
+    start_states = feasible_starts(args.feasible_episodes, args.start_seed)
+    overlap = dataset_rows_among(start_states, data["observations"])
+    if overlap:
+        raise RuntimeError(f"{overlap} held-out evaluation starts are rows of the {behavior} dataset")
+    starts = [{"state": s.tolist()} for s in start_states]
+    with torch.no_grad():
+        trivial_grid = region_scores(lambda obs: -obs[:, 5::3].min(dim=-1).values + pr.HAZARD_RADIUS,
+                                     DEFAULT_SLICES, GRID)  # h(s) = radius - nearest hazard distance
+    trivial_data = feasibility_scores(~data["hazard"], data["oracle"], data["hazard"])
+    print_table(data["stats"], f"PointRobot dataset '{behavior}' (100k transitions, data seed 0)")
+
+    per_seed = {}
+    for seed in args.seeds:
+        per_seed[seed] = run_seed(seed, behavior, data, starts, args, run_dir)
+        print_table(per_seed[seed], f"FISOR on PointRobot, dataset '{behavior}', seed {seed}")
+    summary = {}
+    for key in SUMMARY_KEYS:
+        values = [per_seed[s][key] for s in args.seeds]
+        summary[f"{key}_mean"] = statistics.fmean(values)
+        summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    table = {k: [round(per_seed[s][k], 4) for s in args.seeds] for k in SUMMARY_KEYS}
+    table.update({k: f"{summary[k + '_mean']:.4g} +- {summary[k + '_std']:.2g}" for k in SUMMARY_KEYS})
+    print_table({**{f"{k} (seeds {args.seeds})": v for k, v in table.items() if isinstance(v, list)},
+                 **{f"{k} (mean +- std)": v for k, v in table.items() if isinstance(v, str)}},
+                f"FISOR on PointRobot, dataset '{behavior}': per seed and over seeds")
+    return {
+        **summary,
+        "standard_start_violations_max": max(per_seed[s]["standard_start_violations"] for s in args.seeds),
+        "feasible_start_episodes": len(starts),
+        "trivial_shadow_recall": trivial_grid["shadow_recall"],
+        "trivial_false_infeasible_rate": trivial_grid["false_infeasible_rate"],
+        "trivial_feasible_region_iou": trivial_grid["iou"],
+        "trivial_dataset_shadow_recall": trivial_data["shadow_recall"],
+        "dataset_stats": data["stats"],
+        "per_seed": per_seed,
+        "minutes_per_seed": statistics.fmean(per_seed[s]["minutes"] for s in args.seeds),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--datasets", nargs="+", choices=("mixed", "scarce"), default=["mixed", "scarce"])
+    parser.add_argument("--start_seed", type=int, default=0,
+                        help="evaluation-start stream: 0 for reported figures, others for tuning")
     parser.add_argument("--run_dir", default="benchmarks/out/fisor_point_robot")
     parser.add_argument("--quick", action="store_true", help="pipeline --smoke and few episodes (a check only)")
     parser.add_argument("--bc_steps", type=int, default=5000)
     parser.add_argument("--standard_episodes", type=int, default=20)
-    parser.add_argument("--feasible_episodes", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--feasible_episodes", type=int, default=500)
     args = parser.parse_args()
-    started = time.time()
-    run_dir = Path(args.run_dir)
-    pipeline_args = ["--config", str(RECIPE), "--run_dir", str(run_dir / "fisor")]
-    standard_episodes, feasible_episodes = args.standard_episodes, args.feasible_episodes
     if args.quick:
-        pipeline_args.append("--smoke")
-        standard_episodes, feasible_episodes, args.bc_steps = 2, 4, 5
-    run_pipeline(build_parser().parse_args(pipeline_args))
-    actor = load_module(str(run_dir / "fisor" / "actor" / "model.ckpt")).eval()
-    critic = actor.feasibility_critic
-
-    with torch.no_grad():
-        _, ious = plot_feasible_region(lambda obs: critic.value(obs), DEFAULT_SLICES, n=101,
-                                       path=str(run_dir / "feasible_region.png"))
-    bc_all = train_bc(BCAll, args.bc_steps, run_dir, args.seed).eval()
-    bc_safe = train_bc(BCSafe, args.bc_steps, run_dir, args.seed).eval()
-
-    standard = EpisodeRunner("PointRobot-v0", episodes=standard_episodes, num_envs=standard_episodes,
-                             seed=args.seed).run_episodes(actor)
-    starts = feasible_starts(feasible_episodes, args.seed)
-    from_feasible = {}
-    for name, policy in (("fisor", actor), ("bc_all", bc_all), ("bc_safe", bc_safe)):
-        runner = EpisodeRunner("PointRobot-v0", episodes=feasible_episodes, num_envs=50, seed=args.seed,
-                               reset_options=starts)
-        from_feasible[name] = runner.run_episodes(policy)
-
-    def violation_rate(episodes) -> float:
-        return float((episodes["violations"] > 0).mean())
-
-    results = {
-        "feasible_region_iou": float(sum(ious) / len(ious)),
-        "feasible_region_iou_per_slice": [round(x, 4) for x in ious],
-        "standard_start_episodes": int(len(standard["index"])),
-        "standard_start_violations": int(standard["violations"].sum()),
-        "standard_start_goal_rate": float(standard["success"].mean()),
-        "feasible_start_episodes": feasible_episodes,
-        "feasible_start_violation_rate": violation_rate(from_feasible["fisor"]),
-        "bc_all_violation_rate": violation_rate(from_feasible["bc_all"]),
-        "bc_safe_violation_rate": violation_rate(from_feasible["bc_safe"]),
-        "goal_rate": float(from_feasible["fisor"]["success"].mean()),
-        "bc_all_goal_rate": float(from_feasible["bc_all"]["success"].mean()),
-        "bc_safe_goal_rate": float(from_feasible["bc_safe"]["success"].mean()),
-        "return_mean": float(from_feasible["fisor"]["return"].mean()),
-        "bc_all_return_mean": float(from_feasible["bc_all"]["return"].mean()),
-        "bc_safe_return_mean": float(from_feasible["bc_safe"]["return"].mean()),
-        "minutes": (time.time() - started) / 60,
-        "figure": str(run_dir / "feasible_region.png"),
-    }
-    print_table(results, "FISOR on PointRobot")
+        args.standard_episodes, args.feasible_episodes, args.bc_steps = 2, 4, 5
+    results = {"seeds": args.seeds, "start_seed": args.start_seed}
+    for behavior in args.datasets:
+        suffix = "" if behavior == "mixed" else f"_{behavior}"
+        results.update({f"{k}{suffix}": v for k, v in run_dataset(behavior, args, Path(args.run_dir)).items()})
     print(json.dumps(results))
 
 

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from lightning_saferl.actors.fisor import FisorActor, fisor_weights
+from lightning_saferl.actors.fisor import FisorActor, ema_rate, fisor_weights
+from lightning_saferl.base import SafeRLModule
 from lightning_saferl.critics.losses import (
     constraint_signal, expectile_loss, hj_target, reversed_expectile_loss, td_target,
 )
@@ -32,12 +33,13 @@ def test_td_target_and_constraint_signal():
 
 
 def test_fisor_weight_branches_and_clipping():
-    v_h = torch.tensor([0.2, 1.0, -0.5, -0.5, -0.5, 0.0])
-    q_h = torch.tensor([0.1, -100.0, -0.2, -0.2, 0.3, 0.0])
-    q = torch.tensor([0.0, 0.0, 1.0, 5.0, 9.0, 0.2])
-    v = torch.tensor([0.0, 0.0, 0.5, 0.0, 0.0, 0.0])
+    v_h = torch.tensor([0.2, 1.0, -0.5, -0.5, -0.5, 0.0, 0.2])
+    q_h = torch.tensor([0.1, -100.0, -0.2, -0.2, 0.3, 0.0, 0.5])
+    q = torch.tensor([0.0, 0.0, 1.0, 5.0, 9.0, 0.2, 0.0])
+    v = torch.tensor([0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0])
     w = fisor_weights(v_h, q_h, q, v)  # defaults 5/150, 3/100
-    expected = [math.exp(5 * 0.1), 150.0, math.exp(3 * 0.5), 100.0, 0.0, math.exp(3 * 0.2)]
+    # infeasible states: exp(5 (V_h - Q_h)) clipped to [1, 150] as the reference (the last: exp(-1.5) -> 1)
+    expected = [math.exp(5 * 0.1), 150.0, math.exp(3 * 0.5), 100.0, 0.0, math.exp(3 * 0.2), 1.0]
     assert w.tolist() == pytest.approx(expected, rel=1e-5)
 
 
@@ -95,7 +97,7 @@ def test_diffusion_actor_fits_bimodal_actions():
     """Actions are +-0.7 with equal probability for the same state: both modes must be sampled."""
     torch.manual_seed(0)
     actor = FisorActor(obs_dim=1, act_dim=1, hidden_dim=64, num_blocks=2, dropout=0.0, ema_tau=0.05,
-                       num_candidates=1)
+                       ema_warmup=False, num_candidates=1)
     actor.sample_weights = torch.ones(256)
     opt = torch.optim.Adam(actor.net.parameters(), lr=3e-3)
     for step in range(400):
@@ -105,10 +107,67 @@ def test_diffusion_actor_fits_bimodal_actions():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        actor.on_train_batch_end(None, batch, step)
+        actor.after_optimizer_step()
     samples = actor.eval().act(torch.zeros(2000, 1)).squeeze(-1)
     near_upper = ((samples - 0.7).abs() < 0.2).float().mean()
     near_lower = ((samples + 0.7).abs() < 0.2).float().mean()
     near_mean = (samples.abs() < 0.2).float().mean()
     assert near_upper > 0.2 and near_lower > 0.2
     assert near_mean < 0.5 * min(near_upper, near_lower)  # the average (0) is not what it learned
+
+
+def test_ema_warmup_rates():
+    assert [ema_rate(k, 0.001) for k in (0, 8, 90)] == pytest.approx([0.9, 0.5, 0.09])
+    assert ema_rate(9000, 0.001) == 0.001 and ema_rate(0, 0.001, warmup=False) == 0.001
+    # share of the random initialisation left in the EMA after 3000 updates: 5% without warm-up, none with it
+    share = lambda warmup: math.prod(1 - ema_rate(k, 0.001, warmup) for k in range(3000))
+    assert share(False) == pytest.approx(0.999 ** 3000) and share(False) > 0.04
+    assert share(True) < 1e-20
+
+
+def test_ema_follows_the_warmup_rates_in_a_trainer(tmp_path):
+    """Two Trainer steps: ema = (1 - t1)((1 - t0) init + t0 net_1) + t1 net_2 with t0 = 0.9, t1 = 9 / 11."""
+    import lightning as L
+
+    from lightning_saferl.critics import FeasibilityCritic, RewardCritic
+    from lightning_saferl.data.datamodule import OfflineDataModule
+    from tiny_data import write_tiny
+
+    critics = dict(obs_dim=11, act_dim=2, hidden_dims=(8,))
+    actor = FisorActor(obs_dim=11, act_dim=2, hidden_dim=16, num_blocks=1, dropout=0.0, lr=1e-2,
+                       feasibility_critic=FeasibilityCritic(**critics), reward_critic=RewardCritic(**critics))
+    snapshots = []
+
+    class Snapshot(L.Callback):  # callbacks' hooks run before the module's: sees net_k before the EMA update
+        def on_train_start(self, trainer, module):
+            snapshots.append(torch.cat([p.detach().flatten() for p in module.net.parameters()]))
+
+        def on_train_batch_end(self, trainer, module, *args):
+            self.on_train_start(trainer, module)
+
+    data = OfflineDataModule(path=write_tiny(tmp_path / "d.hdf5"), batch_size=32)
+    L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[Snapshot()]).fit(actor, datamodule=data)
+    init, net1, net2 = snapshots
+    t0, t1 = 0.9, 9 / 11
+    expected = (1 - t1) * ((1 - t0) * init + t0 * net1) + t1 * net2
+    ema = torch.cat([p.flatten() for p in actor.ema.parameters()])
+    assert not torch.allclose(net1, net2)
+    assert torch.allclose(ema, expected, atol=1e-6)
+
+
+def test_cosine_decay_holds_its_floor():
+    """LambdaLR(cosine_decay): 1 -> 0 over decay_steps, then stays 0 (torch's CosineAnnealingLR climbs back)."""
+    module = SafeRLModule()
+    module.weight = torch.nn.Parameter(torch.zeros(1))
+    module.lr, module.cosine_decay_steps = 1.0, 4
+    config = module.configure_optimizers()
+    optimizer, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(9):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    expected = [0.5 * (1 + math.cos(math.pi * min(k, 4) / 4)) for k in range(9)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+    assert lrs[4:] == [0.0] * 5

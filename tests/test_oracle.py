@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from lightning_saferl.envs import point_robot as pr
-from lightning_saferl.envs.oracle import feasible_region_iou, grid_slice, is_feasible
+from lightning_saferl.data.collect import rollout_point_robot
+from lightning_saferl.envs.oracle import (
+    dataset_rows_among, feasibility_scores, feasible_region_iou, feasible_starts, grid_slice, is_feasible,
+)
 
 DOWN = -math.pi / 2  # heading from above straight at hazard 1, centred at (0.4, -1.2)
 
@@ -88,3 +91,32 @@ def test_feasible_region_iou_on_hand_made_masks():
     assert feasible_region_iou(torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)) == 1.0
     with pytest.raises(ValueError, match="shapes differ"):
         feasible_region_iou(pred, ref[:3])
+
+
+def test_feasibility_scores_on_hand_made_masks():
+    oracle = torch.tensor([True, True, True, False, False, False, False])
+    hazard = torch.tensor([False, False, False, False, False, True, True])  # shadow: indices 3, 4
+    pred = torch.tensor([True, True, False, False, True, False, True])
+    scores = feasibility_scores(pred, oracle, hazard)
+    assert scores["shadow_recall"] == 0.5 and scores["false_infeasible_rate"] == pytest.approx(1 / 3)
+    assert scores["iou"] == pytest.approx(2 / 5) and scores["shadow_share"] == pytest.approx(2 / 7)
+    trivial = feasibility_scores(~hazard, oracle, hazard)  # "feasible iff outside every hazard"
+    assert trivial["shadow_recall"] == 0.0 and trivial["false_infeasible_rate"] == 0.0
+
+
+def test_state_from_observation_inverts_observe():
+    states = pr.sample_random_starts(64, torch.Generator().manual_seed(3))
+    assert torch.allclose(pr.state_from_observation(pr.observe(states)), states, atol=1e-12)
+
+
+def test_feasible_starts_are_held_out_from_collected_data():
+    """Evaluation starts come from their own stream: no row of a collected dataset (the data's own seed-0 stream
+    would give dozens), and every start is oracle-feasible."""
+    data = rollout_point_robot(20_000, seed=0, progress=False)
+    observations = torch.from_numpy(data["observations"])
+    starts = feasible_starts(200, start_seed=0)
+    assert is_feasible(starts).all() and len(starts) == 200
+    assert dataset_rows_among(starts, observations) == 0
+    collection_stream = pr.sample_random_starts(200, torch.Generator().manual_seed(0))
+    assert dataset_rows_among(collection_stream, observations) > 50
+    assert not torch.equal(feasible_starts(200, start_seed=1), starts)

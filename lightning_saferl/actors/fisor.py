@@ -1,11 +1,13 @@
 """FISOR's actor: a DDPM noise-prediction policy trained by feasibility-weighted behaviour cloning.
 
     L = mean_b w_b ||eps_theta(a_k, k, s) - eps||^2,   a_k = sqrt(ab_k) a + sqrt(1 - ab_k) eps,
-    w = clip(exp(t_inf (V_h - Q_h)), 0, w_inf_max)   where V_h(s) > 0             (infeasible: least unsafe action)
+    w = clip(exp(t_inf (V_h - Q_h)), 1, w_inf_max)   where V_h(s) > 0             (infeasible: least unsafe action)
       = clip(exp(t_feas (Q - V)), 0, w_feas_max)     where V_h(s) <= 0, Q_h <= 0  (feasible, safe action)
       = 0                                            otherwise.
 The critics are frozen, so w is computed once over the dataset before training. The EMA copy acts:
 N candidates per observation by ancestral sampling, keep the one with the lowest Q_h (or highest Q).
+EMA after update k: ema <- (1 - tau_k) ema + tau_k net with tau_k = max(ema_tau, 9 / (10 + k)) (warm-up: the
+random initialisation is forgotten within the first updates, however short the run), or tau_k = ema_tau.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import copy
 from typing import Callable, Literal, Optional, Union
 
 import torch
+from einops import rearrange, repeat
 
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -22,12 +25,17 @@ from lightning_saferl.nets import DDPMSchedule, NoiseResNet, polyak_update
 from lightning_saferl.policy import resolve_critic
 
 
+def ema_rate(update: int, ema_tau: float, warmup: bool = True) -> float:
+    """tau_k of EMA update k (0-based): max(ema_tau, 9 / (10 + k)) with warm-up, else ema_tau."""
+    return max(ema_tau, 9.0 / (10.0 + update)) if warmup else ema_tau
+
+
 def fisor_weights(v_h: torch.Tensor, q_h: torch.Tensor, q: torch.Tensor, v: torch.Tensor,
                   infeasible_temperature: float = 5.0, infeasible_weight_max: float = 150.0,
                   feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0) -> torch.Tensor:
     infeasible = v_h > 0
     safe_action = ~infeasible & (q_h <= 0)
-    w_infeasible = torch.exp(infeasible_temperature * (v_h - q_h)).clamp(0, infeasible_weight_max)
+    w_infeasible = torch.exp(infeasible_temperature * (v_h - q_h)).clamp(1, infeasible_weight_max)  # as the reference
     w_safe = torch.exp(feasible_temperature * (q - v)).clamp(0, feasible_weight_max)
     return torch.where(infeasible, w_infeasible, torch.where(safe_action, w_safe, torch.zeros_like(q)))
 
@@ -47,6 +55,7 @@ class FisorActor(SafeRLModule):
                  reward_critic: Union[str, RewardCritic, None] = None,
                  hidden_dim: int = 256, num_blocks: int = 3, dropout: float = 0.1, diffusion_steps: int = 5,
                  lr: float = 3e-4, cosine_decay_steps: Optional[int] = None, ema_tau: float = 0.001,
+                 ema_warmup: bool = True,
                  num_candidates: int = 16, select: Literal["min_qh", "max_q"] = "min_qh",
                  infeasible_temperature: float = 5.0, infeasible_weight_max: float = 150.0,
                  feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0,
@@ -131,22 +140,24 @@ class FisorActor(SafeRLModule):
         eps = self.net(self.schedule.add_noise(actions, k, noise), steps, obs, t_index=k)
         return (weights * (eps - noise).square().sum(-1)).mean()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        polyak_update(self.ema, self.net, self.hparams.ema_tau)
+    def after_optimizer_step(self) -> None:
+        # global_step does not count this update yet: it is update number global_step
+        tau = ema_rate(self.global_step, self.hparams.ema_tau, self.hparams.get("ema_warmup", False))
+        polyak_update(self.ema, self.net, tau)
 
     # -- acting ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_candidates(self, obs: torch.Tensor, num_candidates: int) -> torch.Tensor:
         """(B, obs_dim) -> (B, N, act_dim): N EMA-policy samples per observation, all in one batch."""
         net = self.ema
-        obs_features = net.obs_features(obs).repeat_interleave(num_candidates, dim=0)  # once per state
+        obs_features = repeat(net.obs_features(obs), "b h -> (b n) h", n=num_candidates)  # once per state
         time_features = net.time_features(torch.arange(self.schedule.num_steps, device=obs.device, dtype=obs.dtype))
 
         def eps_fn(a: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
             return net.trunk(net.action_features(a) + obs_features + time_features.index_select(0, k.long()))
 
         x = self.schedule.sample(eps_fn, (obs_features.shape[0], self.hparams.act_dim), obs.device, obs.dtype)
-        return x.view(obs.shape[0], num_candidates, -1)
+        return rearrange(x, "(b n) a -> b n a", n=num_candidates)
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -163,10 +174,10 @@ class FisorActor(SafeRLModule):
         candidates = self.sample_candidates(obs, n)
         if n == 1:
             return candidates[:, 0]
-        flat_obs, flat_act = obs.repeat_interleave(n, dim=0), candidates.flatten(0, 1)
+        flat_obs, flat_act = repeat(obs, "b o -> (b n) o", n=n), rearrange(candidates, "b n a -> (b n) a")
         if self.hparams.select == "min_qh":
             scores = -self.feasibility_critic.q_value(flat_obs, flat_act)
         else:
             scores = self.reward_critic.q_value(flat_obs, flat_act)
-        best = scores.view(-1, n).argmax(dim=1)
+        best = rearrange(scores, "(b n) -> b n", n=n).argmax(dim=1)
         return candidates[torch.arange(obs.shape[0], device=obs.device), best]

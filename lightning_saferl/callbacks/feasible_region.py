@@ -1,4 +1,8 @@
-"""FeasibleRegionPlot: learned feasible region (V_h <= 0) against the PointRobot oracle on 2-D state slices."""
+"""FeasibleRegionPlot: learned feasible region (V_h <= 0) against the PointRobot oracle on 2-D state slices.
+
+Besides the IoU of the two feasible sets, the *shadow* is scored: oracle-infeasible states outside every hazard
+(a crash can no longer be avoided), which the trivial rule "feasible iff h(s) <= 0" misses entirely
+(`lightning_saferl.envs.oracle.feasibility_scores`)."""
 from __future__ import annotations
 
 import math
@@ -13,13 +17,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Circle
+from matplotlib import rc_context
+from matplotlib.patches import Circle, Patch
 
 from lightning_saferl.callbacks.rollout import due, eval_mode, publish, task_from_trainer
 from lightning_saferl.envs import point_robot
-from lightning_saferl.envs.oracle import feasible_region_iou, grid_slice, is_feasible
+from lightning_saferl.envs.oracle import feasibility_scores, feasible_region_iou, grid_slice, is_feasible
 
-__all__ = ["FeasibleRegionPlot", "plot_feasible_region", "slice_ious", "DEFAULT_SLICES"]
+__all__ = ["FeasibleRegionPlot", "plot_feasible_region", "region_scores", "slice_ious", "DEFAULT_SLICES"]
 
 #: (speed v, heading theta) of the default slices
 DEFAULT_SLICES = ((0.5, math.pi / 4), (1.0, math.pi / 2), (1.5, math.pi / 4))
@@ -35,8 +40,18 @@ def _evaluate_slice(value_fn: ValueFn, v: float, theta: float, n: int) -> dict[s
                          f"observations; expected ({n * n},)")
     values = values.detach().float().cpu().view(n, n)
     oracle = is_feasible(states.double()).view(n, n)
+    hazard = point_robot.in_hazard(states.double()).view(n, n)
     return {"xs": xs.numpy(), "ys": ys.numpy(), "values": values.numpy(), "oracle": oracle.numpy(),
-            "iou": feasible_region_iou(values <= 0, oracle)}
+            "hazard": hazard.numpy(), "shadow": (~oracle & ~hazard).numpy(),
+            "iou": feasible_region_iou(values <= 0, oracle),
+            "scores": feasibility_scores(values <= 0, oracle, hazard)}
+
+
+def _pooled_scores(results: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """`feasibility_scores` over the states of all slices together."""
+    values, oracle, hazard = (torch.cat([torch.from_numpy(r[key]).flatten() for r in results])
+                              for key in ("values", "oracle", "hazard"))
+    return feasibility_scores(values <= 0, oracle, hazard)
 
 
 def slice_ious(value_fn: ValueFn, slices: Sequence[Sequence[float]] = DEFAULT_SLICES, n: int = 81) -> list[float]:
@@ -45,12 +60,24 @@ def slice_ious(value_fn: ValueFn, slices: Sequence[Sequence[float]] = DEFAULT_SL
     return [_evaluate_slice(value_fn, v, theta, n)["iou"] for v, theta in slices]
 
 
+def region_scores(value_fn: ValueFn, slices: Sequence[Sequence[float]] = DEFAULT_SLICES,
+                  n: int = 81) -> dict[str, float]:
+    """`feasibility_scores` (iou, shadow_recall, false_infeasible_rate, shadow_share) of ``{value_fn <= 0}``
+    over the grid states of all slices together."""
+    return _pooled_scores([_evaluate_slice(value_fn, v, theta, n) for v, theta in slices])
+
+
 def plot_feasible_region(value_fn: ValueFn, slices: Sequence[Sequence[float]] = DEFAULT_SLICES, n: int = 81,
                          path: Optional[str] = None) -> tuple[Figure, list[float]]:
     """One panel per (v, theta) slice: ``value_fn`` (observations (B, 11) -> V_h (B,)) as a diverging colour
-    map centred at 0, the learned boundary V_h = 0 (solid), the oracle's feasible boundary (dashed), hazards
-    and goal. Saves a PNG at ``path`` when given. Returns the figure and the IoU per slice (see `slice_ious`)."""
+    map centred at 0, the learned boundary V_h = 0 (solid), the oracle's feasible boundary (dashed), the
+    oracle's shadow (hatched: infeasible outside the hazards), hazards and goal; each title gives the slice's
+    IoU and shadow recall. Saves a PNG at ``path`` when given. Returns the figure and the IoU per slice."""
     results = [_evaluate_slice(value_fn, v, theta, n) for v, theta in slices]
+    return _draw(results, slices, path), [r["iou"] for r in results]
+
+
+def _draw(results: Sequence[dict[str, Any]], slices: Sequence[Sequence[float]], path: Optional[str]) -> Figure:
     fig = Figure(figsize=(4.6 * len(results), 4.2))
     fig.subplots_adjust(left=0.06, right=0.94, bottom=0.12, top=0.9, wspace=0.4)
     axes = fig.subplots(1, len(results), squeeze=False)[0]
@@ -66,21 +93,27 @@ def plot_feasible_region(value_fn: ValueFn, slices: Sequence[Sequence[float]] = 
         oracle = res["oracle"].astype(np.float32)
         if 0 < oracle.mean() < 1:
             ax.contour(xs, ys, oracle, levels=[0.5], colors="limegreen", linewidths=1.5, linestyles="--")
+        if res["shadow"].any():
+            with rc_context({"hatch.color": "0.25"}):
+                ax.contourf(xs, ys, res["shadow"].astype(np.float32), levels=[0.5, 1.5], colors="none",
+                            hatches=["////"])
         for centre in point_robot.HAZARD_CENTERS:
             ax.add_patch(Circle(centre, point_robot.HAZARD_RADIUS, fill=False, edgecolor="orange", linewidth=1.5))
         ax.add_patch(Circle(point_robot.GOAL, point_robot.GOAL_RADIUS, color="gold", alpha=0.8))
-        ax.set_title(f"v={v:g}, theta={theta:.2f}  IoU={res['iou']:.3f}")
+        ax.set_title(f"v={v:g}, theta={theta:.2f}  IoU={res['iou']:.3f}\n"
+                     f"shadow recall={res['scores']['shadow_recall']:.2f}", fontsize=10)
         ax.set_aspect("equal")
         ax.set_xlabel("x")
         ax.set_ylabel("y")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="V_h")
     axes[0].legend(handles=[Line2D([], [], color="k", label="learned V_h = 0"),
                             Line2D([], [], color="limegreen", linestyle="--", label="oracle boundary"),
+                            Patch(facecolor="none", edgecolor="0.25", hatch="////", label="oracle shadow"),
                             Line2D([], [], color="orange", label="hazard")], loc="lower right", fontsize=7)
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fig.savefig(path, dpi=100)
-    return fig, [r["iou"] for r in results]
+    return fig
 
 
 def _has_grid(task: Any) -> bool:
@@ -95,7 +128,8 @@ class FeasibleRegionPlot(pl.Callback):
     ``feasible_region/iou`` (mean over slices) and ``feasible_region/iou_v<v>_theta<theta>`` against the oracle,
     and (global rank 0) saves `plot_feasible_region` as ``<trainer.log_dir or default_root_dir>/
     feasible_region_step<k>.png``, also added to TensorBoard (tag ``feasible_region``) when a logger is a
-    TensorBoardLogger. Warns once and does nothing for tasks without a grid or modules without the critic.
+    TensorBoardLogger. Also logs, over all slices' states, ``feasible_region/shadow_recall`` and
+    ``feasible_region/false_infeasible_rate`` (`region_scores`). Warns once and does nothing for tasks without a grid or modules without the critic.
     """
 
     def __init__(self, every_n_steps: int = 1000, slices: Sequence[Sequence[float]] = DEFAULT_SLICES, n: int = 81,
@@ -137,15 +171,18 @@ class FeasibleRegionPlot(pl.Callback):
         step = trainer.global_step
         run_dir = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: every rank must ask
         with eval_mode(pl_module):
-            if trainer.is_global_zero:
-                self.last_path = os.path.join(run_dir, f"feasible_region_step{step}.png")
-                fig, ious = plot_feasible_region(value_fn, self.slices, self.n, self.last_path)
-                for logger in trainer.loggers:
-                    if isinstance(logger, TensorBoardLogger):
-                        logger.experiment.add_figure("feasible_region", fig, global_step=step)
-            else:
-                ious = slice_ious(value_fn, self.slices, self.n)
-        metrics = {"feasible_region/iou": float(np.mean(ious))}
+            results = [_evaluate_slice(value_fn, v, theta, self.n) for v, theta in self.slices]
+        if trainer.is_global_zero:
+            self.last_path = os.path.join(run_dir, f"feasible_region_step{step}.png")
+            fig = _draw(results, self.slices, self.last_path)
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_figure("feasible_region", fig, global_step=step)
+        ious = [r["iou"] for r in results]
+        pooled = _pooled_scores(results)
+        metrics = {"feasible_region/iou": float(np.mean(ious)),
+                   "feasible_region/shadow_recall": pooled["shadow_recall"],
+                   "feasible_region/false_infeasible_rate": pooled["false_infeasible_rate"]}
         metrics.update({f"feasible_region/iou_v{v:g}_theta{theta:.3g}": iou
                         for (v, theta), iou in zip(self.slices, ious)})
         publish(trainer, metrics)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lightning_saferl.envs.point_robot import DT, in_hazard, step_states
+from lightning_saferl.envs.point_robot import DT, in_hazard, observe, sample_random_starts, step_states
 
 TURN_RATES = (-1.0, -2.0 / 3.0, -1.0 / 3.0, 0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0)
 
@@ -80,3 +80,55 @@ def feasible_region_iou(pred_feasible: torch.Tensor, oracle_feasible: torch.Tens
     pred, ref = pred_feasible.bool(), oracle_feasible.bool()
     union = int((pred | ref).sum())
     return 1.0 if union == 0 else int((pred & ref).sum()) / union
+
+
+def feasibility_scores(pred_feasible: torch.Tensor, oracle_feasible: torch.Tensor,
+                       hazard: torch.Tensor) -> dict[str, float]:
+    """How a predicted feasible set (bool mask) matches the oracle's on the same states.
+
+    The *shadow* is the set of oracle-infeasible states outside every hazard (doomed: a crash can no longer be
+    avoided); the trivial rule "feasible iff outside every hazard" (h(s) <= 0) misses all of it.
+
+    * ``iou``: `feasible_region_iou` of the two feasible sets;
+    * ``shadow_recall``: share of shadow states predicted infeasible (nan without shadow states);
+    * ``false_infeasible_rate``: share of oracle-feasible states predicted infeasible (nan without any);
+    * ``shadow_share``: share of all states in the shadow.
+    """
+    if not pred_feasible.shape == oracle_feasible.shape == hazard.shape:
+        raise ValueError(f"feasibility_scores: mask shapes differ: pred {tuple(pred_feasible.shape)}, oracle "
+                         f"{tuple(oracle_feasible.shape)}, hazard {tuple(hazard.shape)}")
+    pred, oracle, hazard = pred_feasible.bool(), oracle_feasible.bool(), hazard.bool()
+    shadow = ~oracle & ~hazard
+
+    def share(mask: torch.Tensor, among: torch.Tensor) -> float:
+        return float(mask[among].float().mean()) if among.any() else float("nan")
+
+    return {"iou": feasible_region_iou(pred, oracle), "shadow_recall": share(~pred, shadow),
+            "false_infeasible_rate": share(~pred, oracle), "shadow_share": float(shadow.float().mean())}
+
+
+#: Evaluation starts are drawn from torch generators seeded with ``EVALUATION_STREAM + start_seed``; data
+#: collection seeds its generator with the collection seed itself (small integers), so the streams differ.
+#: (torch's CPU generator keeps only the low 32 bits of a seed: an offset of 2**32 would be the same stream.)
+EVALUATION_STREAM = 2_000_000_000
+
+
+def feasible_starts(count: int, start_seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(count, 4) random starts (the env's random-start box) that the oracle calls feasible, drawn from the
+    evaluation stream ``EVALUATION_STREAM + start_seed`` (never used by data collection)."""
+    generator = torch.Generator().manual_seed(EVALUATION_STREAM + start_seed)
+    chosen = torch.zeros(0, 4, dtype=dtype)
+    while len(chosen) < count:
+        draws = sample_random_starts(4 * count, generator=generator, dtype=dtype)
+        chosen = torch.cat((chosen, draws[is_feasible(draws)]))
+    return chosen[:count]
+
+
+def dataset_rows_among(states: torch.Tensor, observations: torch.Tensor) -> int:
+    """How many of the (B, 4) `states` appear, as float32 observations, among the rows of `observations`
+    (N, 11) (an exact row match): 0 for evaluation starts held out from a dataset."""
+    def rows(x: torch.Tensor) -> list[bytes]:
+        return [row.tobytes() for row in x.detach().to("cpu", torch.float32).contiguous().numpy()]
+
+    seen = set(rows(observations))
+    return sum(row in seen for row in rows(observe(states.double())))
