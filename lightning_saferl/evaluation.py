@@ -84,7 +84,7 @@ def summarize_episodes(episodes: Mapping[str, np.ndarray], task_spec: Any = None
         "cost_std": float(costs.std()),
         "violation_free_fraction": float((np.asarray(episodes["violations"]) == 0).mean()),
         "length_mean": float(np.asarray(episodes["length"], dtype=np.float64).mean()),
-        "episodes": float(returns.size),
+        "episodes": int(returns.size),
         # share of episodes whose env reported info["is_success"] (gymnasium's convention; PointRobot: goal)
         "success_rate": float(np.asarray(episodes["success"], dtype=np.float64).mean()),
     }

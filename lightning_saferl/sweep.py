@@ -52,7 +52,8 @@ class Cell:
     argv: list[str]
     status: str = "pending"  # pending | skipped | refused | finished | failed
     message: str = ""
-    seconds: float = 0.0
+    seconds: float = 0.0  # the cell's time in its worker (pipeline, log redirection, parsing)
+    finished_at: float = 0.0  # when the sweep received the result (time.time())
     summary: dict = field(default_factory=dict)
 
 
@@ -249,7 +250,7 @@ def run_cells(cells: list[Cell], out: Path, address: Optional[str] = None, cpus_
                 result = ray.get(ready[0])
             except Exception as err:  # the worker died (killed, out of memory): the cell failed, the sweep goes on
                 result = {"ok": False, "seconds": 0.0, "error": " ".join(str(err).split())[:300], "summary": {}}
-            cell.seconds, cell.summary = result["seconds"], result["summary"]
+            cell.seconds, cell.summary, cell.finished_at = result["seconds"], result["summary"], time.time()
             cell.status, cell.message = ("finished", "") if result["ok"] else ("failed", result["error"])
             done += 1
             print(_progress(done, len(pending), cell, log), flush=True)

@@ -85,8 +85,11 @@ def aggregate(records: Sequence[dict[str, Any]]) -> tuple[list[dict], list[dict]
         for limit in (row["cost_limit"], "all"):
             families.setdefault((row["algorithm"], row["family"], limit), []).append(row)
     family_rows = []
-    for (algorithm, family, limit), members in sorted(families.items(),
-                                                     key=lambda kv: (*kv[0][:2], float("inf") if kv[0][2] == "all" else kv[0][2])):
+    def order(item):  # the limits in increasing order, then "all"
+        algorithm, family, limit = item[0]
+        return algorithm, family, float("inf") if limit == "all" else limit
+
+    for (algorithm, family, limit), members in sorted(families.items(), key=order):
         reward, cost = _stats([r["reward_mean"] for r in members]), _stats([r["cost_mean"] for r in members])
         tasks = len({r["task"] for r in members})
         family_rows.append({"algorithm": algorithm, "task": f"{family} ({tasks} task{'s' if tasks != 1 else ''})",

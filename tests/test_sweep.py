@@ -5,6 +5,8 @@ The sweeps run a tiny BC-Safe recipe (8-unit MLP, 4 steps, 2 evaluation episodes
 file, on one Ray instance (2 CPUs) shared by the module.
 """
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,12 +19,13 @@ from lightning_saferl.table import table_main
 from tiny_data import write_tiny
 
 ray = pytest.importorskip("ray")
-CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
 
 
 def bc_safe_recipe(data_path, hidden=8):
-    return {"algorithm": "bc_safe", "cost_limit": 0.0, "cost_limit_fields": ["stages.policy.model.init_args.cost_limit"],
+    return {"algorithm": "bc_safe", "cost_limit": 0.0,
+            "cost_limit_fields": ["stages.policy.model.init_args.cost_limit"],
             "data": {"task": "PointRobot-v0", "path": data_path, "batch_size": 16, "steps_per_epoch": 3},
             "trainer": {"max_steps": 4, "log_every_n_steps": 1, **QUIET},
             "stages": {"policy": {"model": {"class_path": "lightning_saferl.actors.BCSafe",
@@ -123,7 +126,7 @@ def test_failing_cell_leaves_the_others_finished_and_names_its_log(sweep, tmp_pa
     cells = run_sweep(recipe, str(tmp_path / "out"), seeds=[0], cost_limits=[10],
                       grid=[f"data.path=[{tiny}, {missing}]"])
     by_name = {c.name: c for c in cells}
-    good, bad = "bc_safe/PointRobot-v0/path=tiny.hdf5/limit_10/seed_0", "bc_safe/PointRobot-v0/path=missing.hdf5/limit_10/seed_0"
+    good, bad = (f"bc_safe/PointRobot-v0/path={name}/limit_10/seed_0" for name in ("tiny.hdf5", "missing.hdf5"))
     assert (by_name[good].status, by_name[bad].status) == ("finished", "failed")
     assert "missing.hdf5" in by_name[bad].message
     log = tmp_path / "out" / bad / "log.txt"
@@ -151,3 +154,11 @@ def test_limit_scores_follow_the_dsrl_formula_per_limit():
                                                    "normalized_cost@10": 0.3, "safe@10": True}
     assert get_task("OfflineCarCircle-v0").cost_limits == (10.0, 20.0, 40.0)
     assert get_task("OfflineCarGoal1Gymnasium-v0").cost_limits == (20.0, 40.0, 80.0)
+
+
+def test_without_ray_the_sweep_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(SystemExit) as stop:
+        sweep_main(["--config", str(CONFIGS / "baselines" / "bc_all_point_robot.yaml"), "--out", "unused"])
+    assert stop.value.code == 2
+    assert "pip install -e '.[sweep]'" in capsys.readouterr().err
