@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lightning_saferl.errors import InputError
+
 __all__ = ["EpisodeRunner", "rank_slice", "merge_episodes", "summarize_episodes", "EPISODE_KEYS", "cost_limit_list",
            "limit_key", "limit_scores"]
 
@@ -99,7 +101,7 @@ def cost_limit_list(value: Union[float, Sequence[float]], where: str = "cost_lim
     """A cost limit or a list of them as a non-empty list of floats >= 0."""
     limits = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
     if not limits or any(not np.isfinite(v) or v < 0 for v in limits):
-        raise ValueError(f"{where}: expected one or more finite cost limits >= 0, got {value!r}")
+        raise InputError(f"{where}: expected one or more finite cost limits >= 0, got {value!r}")
     return limits
 
 

@@ -41,6 +41,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from lightning_saferl.errors import InputError
+
 RAY_MISSING = "lightning-saferl sweep needs Ray: pip install -e '.[sweep]'  (or: pip install 'ray>=2.9')"
 
 
@@ -69,7 +71,7 @@ def _parse_grid(items: Sequence[str]) -> list[tuple[str, list]]:
         key, sep, values = item.partition("=")
         parsed = yaml.safe_load(values) if sep else None
         if not key or not isinstance(parsed, list) or not parsed:
-            raise ValueError(f"--grid {item!r}: expected KEY=[V1,V2,...] (a YAML list of at least one value)")
+            raise InputError(f"--grid {item!r}: expected KEY=[V1,V2,...] (a YAML list of at least one value)")
         grid.append((key.lstrip("-"), parsed))
     return grid
 
@@ -123,7 +125,7 @@ def plan(recipe: str, out: Path, seeds: Sequence[int], tasks: Optional[Sequence[
                 cells.append(Cell(name, argv))
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
-        raise ValueError("two cells of the grid get the same directory; give grid values distinct names")
+        raise InputError("two cells of the grid get the same directory; give grid values distinct names")
     return cells
 
 
@@ -176,11 +178,14 @@ def _output_to(path: Path):
             os.close(saved[1])
 
 
-def run_cell(argv: list[str], run_dir: str) -> dict[str, Any]:
-    """Run one pipeline in this process with its output appended to `<run_dir>/log.txt`; never raises.
+def run_cell(argv: list[str], run_dir: str, cwd: Optional[str] = None) -> dict[str, Any]:
+    """Run one pipeline in this process with its output appended to `<run_dir>/log.txt`, in the sweep's working
+    directory `cwd` where this machine has it (relative paths in recipes); never raises.
     Returns {"ok", "seconds", "error", "log", "summary"}."""
     from lightning_saferl.cli import main
 
+    if cwd and os.path.isdir(cwd):
+        os.chdir(cwd)
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     log = run / "log.txt"
@@ -240,7 +245,7 @@ def run_cells(cells: list[Cell], out: Path, address: Optional[str] = None, cpus_
     ray, started_here = _start_ray(address)
     try:
         task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)(run_cell)
-        futures = {task.remote(c.argv, str(out / c.name)): c for c in pending}
+        futures = {task.remote(c.argv, str(out / c.name), os.getcwd()): c for c in pending}
         done = 0
         while futures:
             ready, _ = ray.wait(list(futures), num_returns=1)

@@ -24,6 +24,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from lightning_saferl.errors import InputError, MissingFileError
+
 FAMILIES = {"bullet": "Bullet-Safety-Gym", "safety_gymnasium": "Safety-Gymnasium", "metadrive": "MetaDrive",
             "point_robot": "PointRobot"}
 COLUMNS = ("algorithm", "task", "family", "cost_limit", "reward_mean", "reward_std", "reward_kind", "cost_mean",
@@ -38,7 +40,7 @@ def find_runs(dirs: Sequence[str]) -> list[Path]:
     runs = set()
     for root in dirs:
         if not Path(root).is_dir():
-            raise FileNotFoundError(f"lightning-saferl table: {root} is not a directory")
+            raise MissingFileError(f"{root} is not a directory")
         runs.update(p.parent for p in Path(root).rglob("summary.json") if (p.parent / "config.yaml").exists())
     return sorted(runs)
 
@@ -60,7 +62,7 @@ def run_records(run: Path) -> list[dict[str, Any]]:
                  "seed": summary["seed"], "reward": float(reward), "reward_kind": "raw" if raw else "normalized",
                  "cost": scores[f"normalized_cost@{limit_key(limit)}"], "run": str(run)} for limit in limits]
     except KeyError as err:
-        raise ValueError(f"{run / 'summary.json'}: not a pipeline summary (missing {err})") from None
+        raise InputError(f"{run / 'summary.json'}: not a pipeline summary (missing {err})") from None
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float]:
@@ -150,7 +152,7 @@ def write_table(dirs: Sequence[str], out: Optional[str] = None) -> dict[str, Any
     """Build the table of every finished run below `dirs` and write it to `out` (default dirs[0])."""
     runs = find_runs(dirs)
     if not runs:
-        raise FileNotFoundError(f"lightning-saferl table: no finished run (summary.json + config.yaml) below "
+        raise MissingFileError(f"no finished run (summary.json + config.yaml) below "
                                 f"{', '.join(map(str, dirs))}")
     rows, family_rows = aggregate([rec for run in runs for rec in run_records(run)])
     out_dir = Path(out or dirs[0])

@@ -105,6 +105,19 @@ def test_rerun_trains_nothing(sweep, capsys):
     assert "4 finished earlier, 0 to run" in capsys.readouterr().out
 
 
+def test_interrupted_cell_is_resumed(sweep):
+    root, recipe, _ = sweep
+    out = root / "out"
+    cell = out / "bc_safe/PointRobot-v0/limit_10/seed_1"
+    model = cell / "policy" / "model.ckpt"
+    stamp = model.stat().st_mtime_ns
+    (cell / "summary.json").unlink()  # killed during the evaluation
+    cells = run_sweep(recipe, str(out), seeds=[0, 1], cost_limits=[0, 10])
+    assert [c.status for c in cells] == ["skipped", "skipped", "skipped", "finished"]
+    assert (cell / "summary.json").exists() and model.stat().st_mtime_ns == stamp  # loaded, not trained again
+    assert "finished earlier, loading" in (cell / "log.txt").read_text()
+
+
 def test_changed_recipe_is_refused_for_a_finished_cell(sweep, tiny, capsys):
     root, _, _ = sweep
     out = root / "out"
