@@ -94,9 +94,10 @@ class COptiDICE(CostLimitedModule):
         self.lr = lr
         self.policy = TanhGaussianPolicy(obs_dim, act_dim, tuple(hidden_dims))
         self.nu = StateValue(obs_dim, critic_hidden_dims, num_nu)
-        self.chi = StateValue(obs_dim, critic_hidden_dims, num_chi)
         self.lambda_raw = nn.Parameter(torch.ones(()))  # softplus(1) = 1.31, OSRL's start
-        self.tau_raw = nn.Parameter(torch.ones(()))
+        if cost_ub_epsilon > 0:  # the upper bound's chi and tau (no unused parameters otherwise, e.g. under DDP)
+            self.chi = StateValue(obs_dim, critic_hidden_dims, num_chi)
+            self.tau_raw = nn.Parameter(torch.ones(()))
         self.initial = self.obs_std = self.act_std = None
         self.initial_fraction = 1.0
 

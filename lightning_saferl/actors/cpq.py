@@ -74,7 +74,7 @@ class CPQ(CostLimitedModule):
 
     def ood_mask(self, obs_rep: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """1 where the VAE's KL of (s, a) is at or above its `ood_quantile` over the batch, else 0."""
-        kl = self.vae.kl(obs_rep, actions)
+        kl = self.vae.kl(obs_rep, actions).float()  # quantile needs float32/64 (not bf16 under autocast)
         return (kl >= kl.quantile(self.hparams.ood_quantile)).to(actions.dtype)
 
     def losses(self, batch: dict):
