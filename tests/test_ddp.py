@@ -2,11 +2,13 @@
 
 The test launches this file as a worker with ``python -m torch.distributed.run --nproc_per_node 2`` (one launch for
 all modules; each rank fits every module for one step with ``Trainer(strategy="ddp", devices=2)``) and records, per
-rank, the batch indices, the global RNG state at the step and the parameters after it. The single-process
-references are computed here from the same initial weights:
+rank, the batch indices, the global RNG state as the module's loss sees it and the parameters after the step. Each
+rank's RNG state must be its own stream, `step_seed(seed, rank, step)` (base.py): ranks draw different diffusion
+noise, time steps and dropout masks. The single-process references are computed here from the same initial weights:
 
 * "halves": one Adam step on (L(batch_0) + L(batch_1)) / 2, each half's loss evaluated with that rank's RNG state.
-  DDP averages the ranks' gradients, so this must equal DDP for *every* module.
+  DDP averages the ranks' gradients, so this must equal DDP for *every* module, the random ones (FISOR's actor,
+  behaviour diffusion, DRCORL's policy) included.
 * "union": one Adam step on L(concat(batch_0, batch_1)). For a loss that is a plain mean over rows of per-row terms
   (critics, BC-All, and FISOR's mean_b w_b l_b with weights fixed per transition) the mean over the union of two
   equal halves is the mean of the halves' means, so union == halves == DDP; checked literally for the
@@ -17,15 +19,18 @@ references are computed here from the same initial weights:
   - DRCORL's policy: each rank normalises its Q term by its own batch mean |Q| and combines its own reward/cost
     gradients by PCGrad (non-linear), so DDP averages per-rank PCGrad steps (the zone is shared: the cost
     estimate is all-reduced).
-Also: ranks draw different batches, parameters stay identical across ranks, and SafeRollout splits evaluation
-episodes across ranks (rank_slice) and gathers metrics equal to a single-process EpisodeRunner over all episodes.
+Also: ranks draw different batches, parameters stay identical across ranks, SafeRollout splits evaluation
+episodes across ranks (rank_slice) and gathers metrics equal to a single-process EpisodeRunner over all episodes,
+and a loss that is NaN on rank 1 only stops both ranks with NonFiniteLossError (no rank left in the all-reduce).
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -39,6 +44,7 @@ TINY = dict(hidden_dims=(32, 32))
 MODULES = ["FeasibilityCritic", "RewardCritic", "CostCritic", "FisorActor", "BCAll", "BCSafe",
            "BehaviorDiffusion", "DrcorlPolicy"]
 UNION_EQUALS_DDP = {"FeasibilityCritic", "RewardCritic", "CostCritic", "BCAll"}  # literally checked
+NAN_STEP = 1  # the step at which rank 1's loss is NaN in the last fit of the worker
 
 
 def make(name: str):
@@ -57,9 +63,9 @@ def make(name: str):
     if name == "BehaviorDiffusion":
         return BehaviorDiffusion(OBS, ACT, hidden_dim=32, num_blocks=1)
     # limit 0 with a huge slack: the estimate stays in the band, the PCGrad step runs
-    return DrcorlPolicy(OBS, ACT, BehaviorDiffusion(OBS, ACT, hidden_dim=32, num_blocks=1),
-                        RewardCritic(OBS, ACT, **TINY), CostCritic(OBS, ACT, **TINY), hidden_dims=(32, 32),
-                        cost_limit=0.0, cost_slack=1e6, max_episode_steps=100)
+    return DrcorlPolicy(OBS, ACT, behavior=BehaviorDiffusion(OBS, ACT, hidden_dim=32, num_blocks=1),
+                        reward_critic=RewardCritic(OBS, ACT, **TINY), hidden_dims=(32, 32), cost_hidden_dims=(32, 32),
+                        cost_limit=0.0, cost_slack=1e6)
 
 
 def tiny_dataset(path, n: int = 2000, episode: int = 50, seed: int = 0):
@@ -93,17 +99,41 @@ def parameters(module) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------ worker
+def wrap_losses(module, before):
+    """module.losses(batch) calls before(module) first (a recording or fault-injecting wrapper)."""
+    losses = module.losses
+
+    def wrapped(batch):
+        return before(module) or losses(batch)
+
+    module.losses = wrapped
+
+
+def trainer_for(callbacks, max_steps: int = 1):
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DDPStrategy
+
+    # a rank stuck in a collective fails after 60 s instead of gloo's default 30 minutes
+    return pl.Trainer(strategy=DDPStrategy(timeout=timedelta(seconds=60)), accelerator="cpu", devices=2,
+                      max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=callbacks)
+
+
 def worker(data_path: str, out_dir: str) -> None:
     import lightning.pytorch as pl
 
+    from lightning_saferl.base import NonFiniteLossError
     from lightning_saferl.callbacks import SafeRollout
 
     class Recorder(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.index, self.rng = batch["index"].clone(), torch.get_rng_state()
+            self.index = batch["index"].clone()
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             self.grads = gradients(pl_module)  # after DDP's all-reduce
+
+        def rng_seen_by_losses(self, module):
+            self.rng = torch.get_rng_state()  # callbacks' batch-start hooks run before the module seeds its stream
 
     class RecordingRollout(SafeRollout):
         """SafeRollout noting which episode indices this rank ran."""
@@ -128,18 +158,30 @@ def worker(data_path: str, out_dir: str) -> None:
         pl.seed_everything(0, verbose=False)
         module = make(name)
         recorder = Recorder()
+        wrap_losses(module, recorder.rng_seen_by_losses)
         callbacks = [recorder]
         rollout = RecordingRollout(every_n_steps=1, progress=False, **ROLLOUT) if name == "BCAll" else None
         callbacks += [rollout] if rollout else []
-        trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=1, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=callbacks)
+        trainer = trainer_for(callbacks)
         trainer.fit(module, datamodule=datamodule(data_path))
         record = {"index": recorder.index, "rng": recorder.rng, "grads": recorder.grads, "params": parameters(module),
                   "world_size": trainer.world_size}
         if rollout is not None:
             record.update(rollout_indices=list(rollout.ran), rollout_metrics=dict(rollout.last_metrics))
         torch.save(record, Path(out_dir) / f"{name}_rank{trainer.global_rank}.pt")
+
+    # last (a failure here must not hide the records above): rank 1's loss turns NaN at step NAN_STEP
+    pl.seed_everything(0, verbose=False)
+    module = make("BCAll")
+    nan = {"bc_loss": torch.tensor(float("nan"))}
+    wrap_losses(module, lambda m: (nan, {}) if m.global_rank == 1 and m.global_step == NAN_STEP else None)
+    trainer = trainer_for([], max_steps=NAN_STEP + 2)
+    try:
+        trainer.fit(module, datamodule=datamodule(data_path))
+        outcome = "finished"
+    except NonFiniteLossError as error:
+        outcome = str(error)
+    (Path(out_dir) / f"nan_rank{trainer.global_rank}.txt").write_text(outcome)
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -151,8 +193,8 @@ def reference_step(name: str, data_path: str, halves: list[tuple[torch.Tensor, t
     pl.seed_everything(0, verbose=False)
     module = make(name).train()
     dm = datamodule(data_path)
-    with torch.no_grad():
-        module.sample_weights = module.compute_sample_weights(dm.transitions)
+    with mock.patch.object(type(module), "dataset", lambda self: dm.transitions):
+        module.on_fit_start()  # sample weights, DRCORL's start states
     config = module.configure_optimizers()
     optimizer = config["optimizer"] if isinstance(config, dict) else config
     optimizer.zero_grad()
@@ -163,7 +205,7 @@ def reference_step(name: str, data_path: str, halves: list[tuple[torch.Tensor, t
     total.backward()
     grads = gradients(module)
     optimizer.step()
-    module.on_train_batch_end(total, None, 0)
+    module.after_optimizer_step()  # global_step 0, as in the Trainer during its first step
     return grads, parameters(module), module
 
 
@@ -189,18 +231,27 @@ def ddp_run(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).resolve()), data_path, str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"DDP worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    failure = f"DDP worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     records = {name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=True) for r in range(2)]
-               for name in MODULES}
-    return data_path, records
+               for name in MODULES if all((out / f"{name}_rank{r}.pt").exists() for r in range(2))}
+    assert records.keys() == set(MODULES), failure
+    nan_outcomes = [(out / f"nan_rank{r}.txt").read_text() if (out / f"nan_rank{r}.txt").exists() else None
+                    for r in range(2)]
+    return data_path, records, nan_outcomes, (proc.returncode, failure)
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_ddp_step_equals_single_process(name, ddp_run):
-    data_path, records = ddp_run
+    from lightning_saferl.base import step_seed
+
+    data_path, records, _, _ = ddp_run
     rank0, rank1 = records[name]
     assert rank0["world_size"] == rank1["world_size"] == 2
     assert not torch.equal(rank0["index"], rank1["index"]), f"{name}: both ranks drew the same batch"
+    assert not torch.equal(rank0["rng"], rank1["rng"]), f"{name}: both ranks draw the same random numbers"
+    for rank, record in enumerate((rank0, rank1)):  # seed_everything(0), step 0: stream step_seed(0, rank, 0)
+        stream = torch.Generator().manual_seed(step_seed(0, rank, 0)).get_state()
+        assert torch.equal(record["rng"], stream), f"{name}: rank {rank} does not draw from its (seed, rank, step) stream"
     assert max_difference(rank0["params"], rank1["params"]) == 0.0, f"{name}: ranks' parameters diverged"
     ddp = rank0["params"]
 
@@ -242,7 +293,7 @@ def make_initial(name: str):
 def test_rollout_episodes_split_across_ranks_and_gathered(ddp_run):
     from lightning_saferl.evaluation import EpisodeRunner, rank_slice
 
-    _, records = ddp_run
+    _, records, _, _ = ddp_run
     rank0, rank1 = records["BCAll"]
     assert rank0["rollout_indices"] == list(rank_slice(EPISODES, 0, 2)) == [0, 1, 2]
     assert rank1["rollout_indices"] == list(rank_slice(EPISODES, 1, 2)) == [3, 4]
@@ -254,6 +305,14 @@ def test_rollout_episodes_split_across_ranks_and_gathered(ddp_run):
     for key, value in single.items():
         assert rank0["rollout_metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
     assert single["return_std"] > 0  # the episodes differ, so the gathered order matters
+
+
+def test_nonfinite_loss_on_one_rank_stops_every_rank(ddp_run):
+    _, _, outcomes, (returncode, failure) = ddp_run
+    expected = f"on rank 1 of 2 (every rank stops) at step {NAN_STEP}; training stopped before the update"
+    assert outcomes[1] is not None and f"BCAll: loss 'bc_loss' is nan {expected}" in outcomes[1], failure
+    assert outcomes[0] is not None and f"BCAll: the loss is non-finite {expected}" in outcomes[0], failure
+    assert returncode == 0, failure
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     L = L_V + L_Q,   L_Q = sum_members mean_b (Q_i(s, a) - y)^2,   y built from V(s') (no gradient),
     L_V = expectile loss of (Q_target(s, a) - V(s))   with Q_target = reduce_members(target Q) (no gradient).
-Target Q networks follow Q by Polyak averaging after each step.
+Target Q networks follow Q by Polyak averaging after each optimiser step.
 
 RewardCritic      IQL: reduce = min, y = r + gamma mask V(s'), upper expectile.
 CostCritic        discounted cost, pessimistic: reduce = max, y = c + gamma mask V_c(s'), upper expectile.
@@ -65,7 +65,7 @@ class _QVCritic(SafeRLModule):
                   "q_loss": (qs - y).square().mean(dim=1).sum()}
         return losses, {"q_mean": qs.detach().mean(), "v_mean": v.detach().mean()}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def after_optimizer_step(self) -> None:
         polyak_update(self.q_target, self.q, self.tau)
 
 
