@@ -15,14 +15,36 @@ A recipe is a YAML file:
       actor:
         model: {class_path: lightning_saferl.actors.FisorActor, init_args: {...}}
         inputs: {feasibility_critic: feasibility_critic}   # init argument <- trained module of an earlier stage
-    evaluation: {episodes: 20, num_envs: 20, seed: 0, reset_options: null, cost_limit: null}
+    evaluation: {episodes: 20, num_envs: 20, seed: 0, reset_options: null, cost_limits: [10, 20, 40]}
+    cost_limit: 10                               # the budget this run trains for (limit-dependent methods) ...
+    cost_limit_fields: [stages.actor.model.init_args.cost_limit]   # ... copied into these fields
+
+Cost limits: the summary reports `normalized_cost@L` and `safe@L` (normalised cost <= 1) for every L in
+`evaluation.cost_limits` (one value or a list; else the old one-value `evaluation.cost_limit`); default
+`[cost_limit]` when the recipe sets one, else the task family's limits (`TaskSpec.cost_limits`). `cost_limit` /
+`normalized_cost` in the summary refer to the first of them. `cost_limit_fields` names the recipe fields that
+follow `cost_limit` (dotted paths), or maps them to a multiple of it (`{...cost_slack: 0.5}`), so one recipe serves
+every limit: `--cost_limit 20` retrains for 20 (`lightning-saferl sweep` does this per cell).
+
+Recipes are read in OmegaConf mode: `${...}` interpolates other values of the same file
+(e.g. `max_steps: ${trainer.max_steps}` in a stage).
+
+Precedence, lowest first: the recipe's shared `trainer`/`data`, the stage's own `trainer`/`data`, `--smoke`,
+the command line's shared `--trainer.KEY` / `--data.KEY` (or `--trainer '{...}'`), and last
+`--stages.<name>.<section>.<key>` (section: model, trainer, data, inputs), which changes that one key of one stage.
+Values are typed by the Trainer / model / OfflineDataModule signatures; the command line wins whatever its
+position relative to `--config`.
 
 Before anything trains, the dataset of every stage is read and validated and every stage's config is checked
 (unknown options, model init arguments, inputs), so a mistake in the last stage fails at once.
-Each stage writes `<run_dir>/<stage>/` with `model.ckpt`, `config.yaml`, `checkpoints/last.ckpt` and logs
-(TensorBoard events in `logs/`, CSV metrics in `logs/csv/version_N/`). A stage whose `model.ckpt` exists is
-loaded instead of trained again, and a stage with a `last.ckpt` resumes from it, so re-running the same command
-on the same run directory continues a killed run. The run directory also holds the resolved recipe
+Each stage trains exactly as `fit --trainer.default_root_dir <run_dir>/<stage>` does (`lightning_saferl.runs`):
+logs, `config.yaml`, `run_info.json` and `checkpoints/last.ckpt` in `<run_dir>/<stage>/lightning_logs/version_N/`
+(a new N per start), and at the end `<run_dir>/<stage>/model.ckpt`. Re-running on the same run directory loads a
+finished stage and resumes an interrupted one from its newest `last.ckpt`, so it continues a killed run. Every
+checkpoint holds the stage's resolved config and its hash (`runs.CONFIG_KEY`; seed and the hashes of the stages
+it takes inputs from included, display-only keys `runs.RESULT_NEUTRAL_KEYS` left out): a checkpoint is reused
+only for the same config, otherwise the run stops naming the changed keys, and `--restart STAGE ...` trains those
+stages (and the stages that take their output) afresh. The run directory also holds the resolved recipe
 (`config.yaml`), `run_info.json` (seed, package versions) and `summary.json` (evaluation of the final policy).
 """
 from __future__ import annotations
@@ -33,8 +55,9 @@ import json
 import os
 import sys
 import time
+from argparse import ArgumentError
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning as L
 import torch
@@ -43,20 +66,26 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespac
 from jsonargparse.typing import PositiveInt
 
 from lightning_saferl.base import NonFiniteLossError, SafeRLModule
+from lightning_saferl.callbacks import LastCheckpoint
 from lightning_saferl.data.datamodule import OfflineDataModule
-from lightning_saferl.policy import load_module
+from lightning_saferl.errors import InputError, UnknownNameError
+from lightning_saferl.policy import load_module, read_checkpoint
+from lightning_saferl.runs import (RunRecord, atomic_write_text, config_changes, config_record, latest_checkpoint,
+                                   stored_record, trainer_arguments, write_run_info)
+
 
 SMOKE_STEPS = 5
 SMOKE_EPISODES = 2
 STAGE_KEYS = ("model", "trainer", "data", "inputs")
 #: OfflineDataModule arguments that decide which dataset is read (the others only change the sampling)
-DATASET_KEYS = ("task", "path", "cache_dir", "num_transitions", "scale_reward", "download")
+DATASET_KEYS = ("task", "path", "cache_dir", "num_transitions", "scale_reward", "download", "behavior")
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="lightning-saferl pipeline", description=__doc__.split("\n")[0],
-                            default_meta=False, exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="recipe YAML (several compose in order)")
+                            default_meta=False, exit_on_error=False, parser_mode="omegaconf")
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="recipe YAML (several compose in order; ${...} interpolation within a file)")
     parser.add_argument("--algorithm", type=str, default="custom", help="name recorded in the summary")
     parser.add_argument("--run_dir", type=Optional[str], default=None,
                         help="run directory (default runs/<algorithm>-<task>-<time>); reuse it to resume")
@@ -65,25 +94,96 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed_everything", type=int, default=0)
     parser.add_argument("--checkpoint_every_n_steps", type=PositiveInt, default=1000,
                         help="each stage refreshes checkpoints/last.ckpt this often (and at the end and on SIGTERM)")
+    parser.add_argument("--restart", type=list[str], default=[],
+                        help="stages to train afresh although the run directory holds a checkpoint of a different "
+                             "config (the stages that take their output restart too)")
     parser.add_class_arguments(OfflineDataModule, "data")
-    parser.add_argument("--trainer", type=dict, default={}, help="Trainer arguments shared by all stages")
+    _add_trainer_arguments(parser)
+    parser.set_defaults({"trainer.num_sanity_val_steps": 0, "trainer.limit_val_batches": 0})
     parser.add_argument("--stages", type=dict, required=True, help="name -> {model, trainer, data, inputs}")
+    parser.add_argument("--overrides", type=list[str], default=[],
+                        help="command-line --trainer.*, --data.* and --stages.<name>.* values, applied to every "
+                             "stage after the recipe (`lightning-saferl pipeline` fills this in)")
     parser.add_argument("--evaluation.episodes", type=PositiveInt, default=20)
     parser.add_argument("--evaluation.num_envs", type=PositiveInt, default=20)
     parser.add_argument("--evaluation.seed", type=int, default=0)
     parser.add_argument("--evaluation.reset_options", type=Optional[dict], default=None)
     parser.add_argument("--evaluation.cost_limit", type=Optional[float], default=None,
-                        help="limit of the normalized cost (default: the task's, 10 for DSRL tasks)")
+                        help="one limit of the normalized cost (old spelling of evaluation.cost_limits)")
+    parser.add_argument("--evaluation.cost_limits", type=Optional[Union[float, list[float]]], default=None,
+                        help="limits the summary scores the policy at (default [cost_limit], else the task family's)")
+    parser.add_argument("--cost_limit", type=Optional[float], default=None,
+                        help="the cost budget this run trains for, copied into cost_limit_fields")
+    parser.add_argument("--cost_limit_fields", type=Union[list[str], dict[str, float]], default=[],
+                        help="recipe fields (dotted paths) set to cost_limit, or a mapping field -> multiple of it")
     return parser
+
+
+def _add_trainer_arguments(parser: ArgumentParser) -> None:
+    """Trainer arguments as LightningCLI declares them: typed, not instantiated (the run builds the Trainer)."""
+    parser.add_class_arguments(L.Trainer, "trainer", instantiate=False, sub_configs=True, fail_untyped=False,
+                               skip={"default_root_dir"})
 
 
 def _stage_parser() -> ArgumentParser:
     parser = ArgumentParser(exit_on_error=False, default_meta=False)
     parser.add_subclass_arguments(SafeRLModule, "model", required=True)
-    parser.add_class_arguments(L.Trainer, "trainer")
+    _add_trainer_arguments(parser)
     parser.add_class_arguments(OfflineDataModule, "data")
     parser.add_argument("--inputs", type=dict, default={})
     return parser
+
+
+def _options(argv: list[str]) -> list[list[str]]:
+    """Command-line arguments grouped as [option] or [option, value] (a value never starts with '--')."""
+    groups, i = [], 0
+    while i < len(argv):
+        n = 2 if "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("--") else 1
+        groups.append(argv[i:i + n])
+        i += n
+    return groups
+
+
+def _option_name(group: list[str]) -> str:
+    return group[0].partition("=")[0]
+
+
+def parse_args(argv: list[str]) -> Namespace:
+    """The pipeline's config from a command line. Its `--trainer*`, `--data*` and `--stages.<name>.*` values are
+    also kept in `overrides`, which each stage applies after its recipe values (precedence: module docstring)."""
+    configs, rest, overrides = [], [], []
+    for group in _options(argv):
+        name = _option_name(group)
+        if name == "--config":
+            configs += group
+        elif name.startswith("--stages."):
+            overrides += group
+        else:
+            rest += group
+            if name.split(".")[0] in ("--trainer", "--data"):
+                overrides += group
+    cfg = build_parser().parse_args([*configs, *rest])  # recipe files first: the command line wins
+    for group in _options(overrides):
+        parts = _option_name(group).split(".")
+        if parts[0] == "--stages" and (len(parts) < 4 or parts[1] not in cfg.stages):
+            raise UnknownNameError(f"{_option_name(group)}: expected --stages.<name>.<section>.<key> with a stage "
+                                   f"of the recipe ({', '.join(cfg.stages)})")
+    cfg.overrides = [*cfg.overrides, *overrides]
+    return cfg
+
+
+def _stage_overrides(overrides: list[str], name: str) -> tuple[list[str], dict[str, str]]:
+    """(arguments for the stage parser, inputs to set) from `overrides`: the shared ones, then this stage's."""
+    shared, own, inputs = [], [], {}
+    for group in _options(overrides):
+        option = _option_name(group)
+        if not option.startswith("--stages."):
+            shared += group
+        elif option.startswith(f"--stages.{name}.inputs."):
+            inputs[option.split(".", 3)[3]] = group[0].partition("=")[2] if "=" in group[0] else group[-1]
+        elif option.startswith(f"--stages.{name}."):
+            own += ["--" + group[0][len(f"--stages.{name}."):], *group[1:]]
+    return shared + own, inputs
 
 
 def _one_line(err: BaseException) -> str:
@@ -93,79 +193,76 @@ def _one_line(err: BaseException) -> str:
 def _model_class(name: str, model: dict) -> type:
     class_path = model.get("class_path")
     if not isinstance(class_path, str) or "." not in class_path:
-        raise ValueError(f"stage '{name}': model needs a 'class_path' (e.g. lightning_saferl.actors.BCAll), "
+        raise InputError(f"stage '{name}': model needs a 'class_path' (e.g. lightning_saferl.actors.BCAll), "
                          f"got {class_path!r}")
     module_name, _, class_name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"stage '{name}': cannot import model class '{class_path}' ({_one_line(err)})") from None
+        raise InputError(f"stage '{name}': cannot import model class '{class_path}' ({_one_line(err)})") from None
     if not (isinstance(cls, type) and issubclass(cls, SafeRLModule)):
-        raise ValueError(f"stage '{name}': '{class_path}' is not a lightning_saferl module (SafeRLModule subclass)")
+        raise InputError(f"stage '{name}': '{class_path}' is not a lightning_saferl module (SafeRLModule subclass)")
     return cls
 
 
-def _stage_config(name: str, stage: Any, cfg: Namespace, stage_dir: Path, obs_dim: int, act_dim: int) -> dict:
-    """The full config of one stage: shared settings overridden by the stage's own."""
+def _stage_config(name: str, stage: Any, cfg: Namespace, obs_dim: int, act_dim: int) -> dict:
+    """The recipe's config of one stage: shared settings overridden by the stage's own, then `--smoke`."""
     if not isinstance(stage, dict) or "model" not in stage:
-        raise ValueError(f"stage '{name}': expected a mapping with a 'model' entry, got {stage!r}")
+        raise InputError(f"stage '{name}': expected a mapping with a 'model' entry, got {stage!r}")
     unknown = set(stage) - set(STAGE_KEYS)
     if unknown:
-        raise ValueError(f"stage '{name}': unknown key(s) {sorted(unknown)}; allowed: {list(STAGE_KEYS)}")
+        raise InputError(f"stage '{name}': unknown key(s) {sorted(unknown)}; allowed: {list(STAGE_KEYS)}")
     model = dict(stage["model"])
     model["init_args"] = {"obs_dim": obs_dim, "act_dim": act_dim, **dict(model.get("init_args") or {})}
-    trainer = {**dict(cfg.trainer or {}), **dict(stage.get("trainer") or {})}
-    trainer.setdefault("default_root_dir", str(stage_dir))
-    trainer.setdefault("logger", [
-        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-         "init_args": {"save_dir": str(stage_dir), "name": "", "version": "logs", "default_hp_metric": False}},
-        # one CSV version per (re)start: CSVLogger would otherwise delete the metrics of the killed part
-        {"class_path": "lightning.pytorch.loggers.CSVLogger",
-         "init_args": {"save_dir": str(stage_dir / "logs"), "name": "csv"}}])
-    trainer["callbacks"] = [*list(trainer.get("callbacks") or []),
-                            {"class_path": "lightning_saferl.callbacks.LastCheckpoint",
-                             "init_args": {"dirpath": str(stage_dir / "checkpoints"),
-                                           "every_n_train_steps": int(cfg.checkpoint_every_n_steps)}}]
-    trainer.setdefault("num_sanity_val_steps", 0)
-    trainer.setdefault("limit_val_batches", 0)
+    trainer = {**_plain(cfg.trainer), **dict(stage.get("trainer") or {})}
     if cfg.smoke:
         trainer.update(max_steps=SMOKE_STEPS, max_epochs=-1, log_every_n_steps=1)
     data = {**cfg.data.as_dict(), **dict(stage.get("data") or {})}
     return {"model": model, "trainer": trainer, "data": data, "inputs": dict(stage.get("inputs") or {})}
 
 
-def _check_stage(name: str, config: dict, earlier: list[str]) -> tuple[type, Namespace]:
+def _check_stage(name: str, config: dict, earlier: list[str], overrides: list[str]) -> tuple[type, Namespace]:
     """Validate a stage config without building anything: the model class and its init arguments, the Trainer
-    and data arguments (jsonargparse names the offending key) and the inputs. Returns (model class, parsed)."""
+    and data arguments (jsonargparse names the offending key) and the inputs, after the command line's values
+    (`overrides`) are applied. Returns (model class, parsed config)."""
+    args, inputs = _stage_overrides(overrides, name)
+    config = {**config, "inputs": {**config["inputs"], **inputs}}
     cls = _model_class(name, config["model"])
     parameters = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         accepted = [p for p in parameters if p != "self"]
         unknown = [k for k in config["model"]["init_args"] if k not in accepted]
         if unknown:
-            raise ValueError(f"stage '{name}': {cls.__name__} has no init argument(s) {unknown}; "
+            raise InputError(f"stage '{name}': {cls.__name__} has no init argument(s) {unknown}; "
                              f"accepted: {accepted}")
-    for arg, source in config["inputs"].items():
+    try:  # jsonargparse reports the offending key
+        parsed = _stage_parser().parse_object(config)
+        if args:
+            parsed = _stage_parser().parse_args(args, namespace=parsed)
+    except ArgumentError as err:
+        raise InputError(f"stage '{name}': {_one_line(err)}") from None
+    if parsed.model.class_path != config["model"]["class_path"]:
+        cls = _model_class(name, {"class_path": parsed.model.class_path})
+        parameters = inspect.signature(cls.__init__).parameters
+    for arg, source in parsed.inputs.items():
         if arg not in parameters:
-            raise ValueError(f"stage '{name}': input '{arg}' is not an init argument of {cls.__name__}")
+            raise InputError(f"stage '{name}': input '{arg}' is not an init argument of {cls.__name__}")
         if source not in earlier:
-            raise ValueError(f"stage '{name}': input '{arg}' names stage '{source}', which does not run before it; "
+            raise InputError(f"stage '{name}': input '{arg}' names stage '{source}', which does not run before it; "
                              f"earlier stages: {earlier}")
-    try:
-        return cls, _stage_parser().parse_object(config)
-    except Exception as err:  # jsonargparse reports the offending key
-        raise ValueError(f"stage '{name}': {_one_line(err)}") from None
+    return cls, parsed
 
 
 def _instantiate(parsed: Namespace, cls: type, trained: dict[str, SafeRLModule]):
-    """(model, trainer, datamodule) of a checked stage config; inputs are trained modules of earlier stages."""
+    """(model, Trainer arguments, datamodule) of a checked stage config; inputs are trained modules of earlier
+    stages."""
     model_cfg = parsed.model
     kwargs = model_cfg.init_args.as_dict() if isinstance(model_cfg.init_args, Namespace) else dict(model_cfg.init_args)
     kwargs.update({arg: trained[source] for arg, source in parsed.inputs.items()})
     parsed = parsed.clone()
     parsed.model = None
     init = _stage_parser().instantiate_classes(parsed)
-    return cls(**kwargs), init.trainer, init.data
+    return cls(**kwargs), {key: init.trainer[key] for key in init.trainer.keys()}, init.data
 
 
 def _dataset_key(data: dict) -> tuple:
@@ -184,88 +281,179 @@ def _validate_datasets(configs: dict[str, dict], obs_dim: int, act_dim: int) -> 
         data.prepare_data()
         loaded = data.load()
         if (loaded.obs_dim, loaded.act_dim) != (obs_dim, act_dim):
-            raise ValueError(f"stage '{name}': its dataset has obs_dim {loaded.obs_dim}, act_dim {loaded.act_dim}; "
+            raise InputError(f"stage '{name}': its dataset has obs_dim {loaded.obs_dim}, act_dim {loaded.act_dim}; "
                              f"the recipe's data has {obs_dim}, {act_dim}")
+
+
+class _Plan:
+    """A checked pipeline: run directory, task, stage configs (parsed), classes, config records, restarts."""
+
+    def __init__(self, cfg: Namespace):
+        apply_cost_limit(cfg)
+        # the shared dataset: generated / downloaded if needed, then read and validated before anything else
+        checked = OfflineDataModule(**cfg.data.as_dict())
+        checked.prepare_data()
+        dataset = checked.load()
+        obs_dim, act_dim, self.task_spec = dataset.obs_dim, dataset.act_dim, checked.task_spec
+        del checked, dataset  # each stage reads its own copy
+        self.run_dir = Path(cfg.run_dir or
+                            f"runs/{cfg.algorithm}-{self.task_spec.task_id}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if not cfg.stages:
+            raise InputError("the recipe has no stages")
+        self.names = list(cfg.stages)
+        configs = {name: _stage_config(name, stage, cfg, obs_dim, act_dim) for name, stage in cfg.stages.items()}
+        self.parsed, self.classes, self.records = {}, {}, {}
+        for i, name in enumerate(self.names):
+            self.classes[name], self.parsed[name] = _check_stage(name, configs[name], self.names[:i], cfg.overrides)
+            self.records[name] = _stage_record(self.parsed[name], cfg.seed_everything,
+                                               {s: self.records[s]["sha256"] for s in self.parsed[name].inputs.values()})
+        shared = _dataset_key(cfg.data.as_dict())
+        data = {name: {"data": parsed.data.as_dict()} for name, parsed in self.parsed.items()}
+        _validate_datasets({n: c for n, c in data.items() if _dataset_key(c["data"]) != shared}, obs_dim, act_dim)
+        last = self.names[-1]
+        if not callable(getattr(self.classes[last], "act", None)):
+            raise InputError(f"the last stage '{last}' must be an actor (a module with `act`), "
+                             f"got {self.classes[last].__name__}")
+        unknown = [name for name in cfg.restart if name not in self.parsed]
+        if unknown:
+            raise UnknownNameError(f"--restart {' '.join(unknown)}: no such stage; stages: {', '.join(self.names)}")
+        self.restart = set(cfg.restart)
+        for name in self.names:  # a stage fed by a restarted one restarts too
+            if any(source in self.restart for source in self.parsed[name].inputs.values()):
+                self.restart.add(name)
+
+    def conflicts(self) -> dict[str, list[str]]:
+        """Stage -> the config keys in which its reusable checkpoint (model.ckpt, else the newest last.ckpt)
+        differs from the config it is given now; restarted stages and stages without a checkpoint are left out."""
+        found = {}
+        for name in self.names:
+            stage_dir = self.run_dir / name
+            ckpt = stage_dir / "model.ckpt" if (stage_dir / "model.ckpt").exists() else latest_checkpoint(stage_dir)
+            if name in self.restart or ckpt is None:
+                continue
+            stored = stored_record(read_checkpoint(str(ckpt)))
+            changes = ["(no config recorded)"] if stored is None else config_changes(stored, self.records[name])
+            if changes:
+                found[name] = changes
+        return found
+
+
+def _stage_record(parsed: Namespace, seed: int, inputs: dict[str, str]) -> dict:
+    """The config record (`runs.config_record`) of a stage: its parsed config, the seed, and the hashes of the
+    stages it takes inputs from."""
+    config = yaml.safe_load(_stage_parser().dump(parsed, skip_none=False))
+    return config_record({**config, "seed_everything": seed, "input_sha256": inputs})
+
+
+def stage_conflicts(cfg: Namespace) -> dict[str, list[str]]:
+    """For a pipeline config (`parse_args`), each stage whose checkpoint in `cfg.run_dir` was trained with another
+    config, with the changed keys (empty: every existing checkpoint may be reused). Reads the datasets."""
+    return _Plan(cfg.clone()).conflicts()
+
+
+def _refuse(conflicts: dict[str, list[str]], run_dir: Path) -> None:
+    if not conflicts:
+        return
+    stages = "; ".join(f"'{name}' ({', '.join(keys)})" for name, keys in conflicts.items())
+    raise InputError(f"{run_dir} holds checkpoints of another config: stage {stages}; pass --restart "
+                     f"{' '.join(conflicts)} to train afresh, or use another --run_dir")
 
 
 def run_pipeline(cfg: Namespace, command: Optional[list[str]] = None) -> dict[str, Any]:
     """Check everything, train the stages not finished yet, evaluate the last one; returns the summary."""
     started = time.time()
-    # the shared dataset: generated / downloaded if needed, then read and validated before anything else
-    checked = OfflineDataModule(**cfg.data.as_dict())
-    checked.prepare_data()
-    dataset = checked.load()
-    obs_dim, act_dim, task_spec = dataset.obs_dim, dataset.act_dim, checked.task_spec
-    del checked, dataset  # each stage reads its own copy
-    run_dir = Path(cfg.run_dir or f"runs/{cfg.algorithm}-{task_spec.task_id}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-    if not cfg.stages:
-        raise ValueError("the recipe has no stages")
-    names = list(cfg.stages)
-    configs = {name: _stage_config(name, stage, cfg, run_dir / name, obs_dim, act_dim)
-               for name, stage in cfg.stages.items()}
-    checks = {name: _check_stage(name, configs[name], names[:i]) for i, name in enumerate(names)}
-    classes = {name: cls for name, (cls, _) in checks.items()}
-    shared = _dataset_key(cfg.data.as_dict())
-    _validate_datasets({n: c for n, c in configs.items() if _dataset_key(c["data"]) != shared}, obs_dim, act_dim)
-    if not callable(getattr(classes[names[-1]], "act", None)):
-        raise ValueError(f"the last stage '{names[-1]}' must be an actor (a module with `act`), "
-                         f"got {classes[names[-1]].__name__}")
+    plan = _Plan(cfg)
+    run_dir = plan.run_dir
+    _refuse(plan.conflicts(), run_dir)
 
     from lightning_saferl.envs import make_env
 
-    make_env(task_spec.task_id).close()  # a missing simulator fails now, not after training
+    make_env(plan.task_spec.task_id).close()  # a missing simulator fails now, not after training
     run_dir.mkdir(parents=True, exist_ok=True)
     _save_run_record(cfg, run_dir, command)
     trained: dict[str, SafeRLModule] = {}
-    for name, config in configs.items():
+    for name in plan.names:
         stage_dir = run_dir / name
         final = stage_dir / "model.ckpt"
-        if final.exists():
+        if name in plan.restart:
+            final.unlink(missing_ok=True)
+        elif final.exists():
             print(f"[pipeline] stage '{name}': finished earlier, loading {final}")
-            trained[name] = load_module(str(final), expected=classes[name])
+            trained[name] = load_module(str(final), expected=plan.classes[name])
             continue
+        last = None if name in plan.restart else latest_checkpoint(stage_dir)
         L.seed_everything(cfg.seed_everything, workers=True)
-        model, trainer, datamodule = _instantiate(checks[name][1], classes[name], trained)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config), sort_keys=False))
-        last = stage_dir / "checkpoints" / "last.ckpt"
-        print(f"[pipeline] stage '{name}': {type(model).__name__}, "
-              f"max_steps={trainer.max_steps}{', resuming from ' + str(last) if last.exists() else ''}")
+        model, trainer_kwargs, datamodule = _instantiate(plan.parsed[name], plan.classes[name], trained)
+        kwargs, log_dir = trainer_arguments({**trainer_kwargs, "default_root_dir": str(stage_dir)},
+                                            LastCheckpoint(every_n_train_steps=cfg.checkpoint_every_n_steps),
+                                            record=plan.records[name])
+        kwargs["callbacks"].append(RunRecord(log_dir, _stage_parser().dump(plan.parsed[name], skip_none=False),
+                                             cfg.seed_everything, command))
+        trainer = L.Trainer(**kwargs)
+        print(f"[pipeline] stage '{name}': {type(model).__name__}, max_steps={trainer.max_steps}"
+              f"{', resuming from ' + str(last) if last else ''}{', restarted' if name in plan.restart else ''}")
         try:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None,
-                        weights_only=True)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=last, weights_only=True)
         except NonFiniteLossError as err:
             err.args = (f"stage '{name}': {err.args[0]}",)
             raise
-        tmp = final.with_name(final.name + ".tmp")  # a kill while writing must not look like a finished stage
+        tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # a kill while writing must not look finished
         trainer.save_checkpoint(tmp, weights_only=True)
         os.replace(tmp, final)
         trained[name] = model
-    summary = evaluate(trained[names[-1]], task_spec, cfg)
+    summary = evaluate(trained[plan.names[-1]], plan.task_spec, cfg)
     summary["minutes"] = (time.time() - started) / 60
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     print_table(summary, f"summary ({run_dir / 'summary.json'})")
     return summary
 
 
-def evaluate(policy, task_spec, cfg: Namespace) -> dict[str, Any]:
-    """Episodes of the final policy on the task's environment: the metrics of `EpisodeRunner`."""
-    from lightning_saferl.evaluation import EpisodeRunner
+def apply_cost_limit(cfg: Namespace) -> None:
+    """Set every field of `cfg.cost_limit_fields` to `cfg.cost_limit` (times its factor, for a mapping)."""
+    fields = cfg.cost_limit_fields
+    fields = dict(fields) if isinstance(fields, dict) else {path: 1.0 for path in fields or []}
+    if fields and cfg.cost_limit is None:
+        raise InputError(f"cost_limit_fields {list(fields)} follow cost_limit, but the recipe sets no cost_limit")
+    for path, factor in fields.items():
+        *parents, leaf = path.split(".")
+        node = cfg
+        for part in parents:
+            node = node.get(part) if isinstance(node, (dict, Namespace)) else None
+        if not isinstance(node, (dict, Namespace)) or leaf not in node:
+            raise InputError(f"cost_limit_fields: {path!r} is not a field of the recipe")
+        node[leaf] = float(factor) * cfg.cost_limit
+
+
+def evaluation_limits(cfg: Namespace, task_spec) -> list[float]:
+    """The cost limits the summary reports (see the module docstring)."""
+    from lightning_saferl.evaluation import cost_limit_list
 
     ev = cfg.evaluation
+    given = ev.cost_limits if ev.cost_limits is not None else ev.cost_limit
+    if given is None:
+        given = cfg.cost_limit if cfg.cost_limit is not None else list(task_spec.cost_limits)
+    return cost_limit_list(given, "evaluation.cost_limits")
+
+
+def evaluate(policy, task_spec, cfg: Namespace) -> dict[str, Any]:
+    """Episodes of the final policy on the task's environment: the metrics of `EpisodeRunner`, plus the
+    normalised cost and safe flag at each evaluation limit (`lightning_saferl.evaluation.limit_scores`)."""
+    from lightning_saferl.evaluation import EpisodeRunner, limit_scores
+
+    ev = cfg.evaluation
+    limits = evaluation_limits(cfg, task_spec)
     episodes = SMOKE_EPISODES if cfg.smoke else ev.episodes
     runner = EpisodeRunner(task_spec, episodes=episodes, num_envs=min(ev.num_envs, episodes), seed=ev.seed,
-                           reset_options=ev.reset_options, cost_limit=ev.cost_limit)
+                           reset_options=ev.reset_options, cost_limit=limits[0])
     policy.eval()
     try:
         with torch.no_grad():
             metrics = runner.run(policy)
     finally:
         runner.close()
-    limit = task_spec.cost_limit if ev.cost_limit is None else ev.cost_limit
-    return {"task": task_spec.task_id, "algorithm": cfg.algorithm, "seed": cfg.seed_everything, "cost_limit": limit,
-            **{k: _number(v) for k, v in metrics.items()}}
+    return {"task": task_spec.task_id, "algorithm": cfg.algorithm, "seed": cfg.seed_everything,
+            "cost_limit": limits[0], "cost_limits": limits, **{k: _number(v) for k, v in metrics.items()},
+            **limit_scores(metrics["cost_mean"], task_spec, limits)}
 
 
 def print_table(rows: dict[str, Any], title: str) -> None:
@@ -277,30 +465,11 @@ def print_table(rows: dict[str, Any], title: str) -> None:
     print("=" * (width + 16))
 
 
-def package_versions() -> dict[str, Optional[str]]:
-    import importlib.metadata as md
-    import platform
-
-    versions: dict[str, Optional[str]] = {"python": platform.python_version()}
-    for pkg in ("lightning-saferl", "torch", "lightning", "gymnasium", "numpy", "h5py", "jsonargparse"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return versions
-
-
-def write_run_info(directory, seed: Any, command: Optional[list[str]] = None) -> None:
-    """`<directory>/run_info.json`: the seed, package versions and the command line, for repeating the run."""
-    info = {"seed": seed, "versions": package_versions(), "command": command if command is not None else sys.argv,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    (Path(directory) / "run_info.json").write_text(json.dumps(info, indent=2))
-
-
 def _save_run_record(cfg: Namespace, run_dir: Path, command: Optional[list[str]]) -> None:
-    """The resolved recipe, the seed and package versions."""
-    (run_dir / "config.yaml").write_text(build_parser().dump(cfg, skip_none=False))
+    """The resolved recipe (without --restart, so that running it again reuses the stages), seed and versions."""
+    recorded = cfg.clone()
+    recorded.restart = []
+    atomic_write_text(run_dir / "config.yaml", build_parser().dump(recorded, skip_none=False))
     write_run_info(run_dir, cfg.seed_everything, command)
 
 
@@ -315,11 +484,13 @@ def _plain(obj):
 
 
 def _number(value):
-    return float(value) if isinstance(value, (int, float)) or hasattr(value, "item") else value
+    """A metric as a JSON number: counts stay integers, everything else becomes a float."""
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return int(value) if isinstance(value, int) else float(value)
 
 
 def pipeline_main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = parser.parse_args(argv)
-    return run_pipeline(cfg, command=["lightning-saferl", "pipeline", *argv])
+    return run_pipeline(parse_args(argv), command=["lightning-saferl", "pipeline", *argv])

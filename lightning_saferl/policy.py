@@ -1,9 +1,12 @@
 """The one interface evaluation and callbacks see: a batched, deterministic-shape policy."""
 from __future__ import annotations
 
+import contextvars
 from typing import Optional, Protocol, runtime_checkable
 
 import torch
+
+from lightning_saferl.errors import InputError, MissingFileError, WrongTypeError
 
 
 @runtime_checkable
@@ -27,36 +30,36 @@ def _module_class(tag: str, path: str):
 
     module_name, _, class_name = str(tag).rpartition(".")
     if not module_name.startswith("lightning_saferl."):
-        raise ValueError(f"{path}: checkpoint names class {tag!r}, which is not a lightning_saferl module; "
+        raise InputError(f"{path}: checkpoint names class {tag!r}, which is not a lightning_saferl module; "
                          "refusing to load it")
     try:
         cls = getattr(importlib.import_module(module_name), class_name, None)
     except (ImportError, ValueError, TypeError):  # ModuleNotFoundError, malformed names
         cls = None
     if not (isinstance(cls, type) and issubclass(cls, SafeRLModule)):
-        raise ValueError(f"{path}: checkpoint names unknown class {tag!r} (not a lightning_saferl module class)")
+        raise InputError(f"{path}: checkpoint names unknown class {tag!r} (not a lightning_saferl module class)")
     return cls
 
 
 def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
     """The checkpoint dict at `path`, loaded with weights_only=True (tensors and plain containers only: nothing
-    in the file is executed). Raises FileNotFoundError / ValueError naming the path."""
+    in the file is executed). Raises MissingFileError / InputError naming the path."""
     import os
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # with weights_only=True a failure is a refusal or a malformed file, never code run
         message = str(err)
         if "Unsupported global:" in message:  # a pickled object other than tensors and plain containers
             refused = message.split("Unsupported global:", 1)[1].split(" was not an allowed global")[0].strip()
-            raise ValueError(f"{path}: refused to load: the checkpoint holds {refused}, which weights_only=True "
+            raise InputError(f"{path}: refused to load: the checkpoint holds {refused}, which weights_only=True "
                              "does not allow (nothing in it was executed)") from None
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}); is it truncated or a "
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}); is it truncated or a "
                          "different kind of file?") from None
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
+        raise InputError(f"{path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
     return checkpoint
 
 
@@ -65,7 +68,7 @@ def checkpoint_class(path: str, checkpoint: Optional[dict] = None) -> type:
     checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     tag = checkpoint.get("lightning_saferl_class")
     if tag is None:
-        raise ValueError(f"{path}: not a lightning_saferl checkpoint (no 'lightning_saferl_class' entry)")
+        raise InputError(f"{path}: not a lightning_saferl checkpoint (no 'lightning_saferl_class' entry)")
     return _module_class(tag, path)
 
 
@@ -73,25 +76,18 @@ def load_module(path: str, expected: Optional[type] = None, map_location: str | 
     """Load a lightning_saferl module from a checkpoint with weights_only=True, checking its type."""
     cls = checkpoint_class(path, read_checkpoint(path, map_location))
     if expected is not None and not issubclass(cls, expected):
-        raise TypeError(f"{path}: checkpoint holds a {cls.__name__}, expected a {expected.__name__}")
-    # A module loaded while LightningCLI instantiates another one (a critic path given to an actor) would
-    # otherwise record the outer module's init arguments as its own hyperparameters.
-    try:
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:  # Lightning versions without LightningCLI's hyperparameter context
-        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
-    token = _given_hyperparameters.set(None)
-    try:
-        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
-    finally:
-        _given_hyperparameters.reset(token)
+        raise WrongTypeError(f"{path}: checkpoint holds a {cls.__name__}, expected a {expected.__name__}")
+    # In a fresh context: a module loaded while LightningCLI instantiates another one (a critic path given to an
+    # actor) must not see the context in which LightningCLI passes the outer module's init arguments as the
+    # hyperparameters to record.
+    return contextvars.Context().run(cls.load_from_checkpoint, path, map_location=map_location, weights_only=True)
 
 
 def load_policy(path: str, map_location: str | torch.device = "cpu"):
     """Load any trained actor checkpoint as a ready-to-act module (eval mode)."""
     module = load_module(path, map_location=map_location)
     if not isinstance(module, Policy):
-        raise TypeError(f"{path}: {type(module).__name__} is not a policy (it has no `act`)")
+        raise WrongTypeError(f"{path}: {type(module).__name__} is not a policy (it has no `act`)")
     return module.eval()
 
 
@@ -103,7 +99,7 @@ def resolve_critic(critic, cls: type):
         try:
             critic = load_module(str(critic), expected=cls)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{cls.__name__} checkpoint not found: {critic}") from None
+            raise MissingFileError(f"{cls.__name__} checkpoint not found: {critic}") from None
     if not isinstance(critic, cls):
-        raise TypeError(f"expected a {cls.__name__} (module or checkpoint path), got {type(critic).__name__}")
+        raise WrongTypeError(f"expected a {cls.__name__} (module or checkpoint path), got {type(critic).__name__}")
     return critic.requires_grad_(False).eval()

@@ -3,15 +3,21 @@
 All runs are in-process (`lightning_saferl.cli.main`) on tiny datasets with tiny networks and a few steps.
 """
 import json
+import os
+import shutil
 from pathlib import Path
 
 import gymnasium
 import pytest
+import lightning.pytorch  # noqa: F401  (before any test: its log handler then writes to the real stderr, not
+# to the stderr a test captures, as for a user who sees Lightning's lines above the one error line)
 import torch
 import yaml
 
 from lightning_saferl.cli import main
 import lightning_saferl.envs
+from lightning_saferl.pipeline import parse_args, stage_conflicts
+from lightning_saferl.runs import CONFIG_KEY, atomic_write_text
 from tiny_data import write_tiny
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -55,21 +61,32 @@ def fisor_run(tmp_path_factory, tiny):
     return root / "run", recipe
 
 
+def version_dir(run, stage, n=0):
+    return run / stage / "lightning_logs" / f"version_{n}"
+
+
 def test_pipeline_writes_checkpoints_records_and_summary(fisor_run, capsys):
     run, _ = fisor_run
     for stage in ("feasibility_critic", "reward_critic", "actor"):
         final = torch.load(run / stage / "model.ckpt", weights_only=True)
         assert final["global_step"] == 4
         assert "optimizer_states" not in final  # model.ckpt holds the weights only
-        last = torch.load(run / stage / "checkpoints" / "last.ckpt", weights_only=True)
+        logs = version_dir(run, stage)  # the layout of `fit --trainer.default_root_dir <run>/<stage>`
+        last = torch.load(logs / "checkpoints" / "last.ckpt", weights_only=True)
         assert last["global_step"] == 4 and last["OfflineDataModule"]["batches_drawn"] == 4
         assert "optimizer_states" in last  # last.ckpt is a full resumable state
-        assert yaml.safe_load((run / stage / "config.yaml").read_text())["trainer"]["max_steps"] == 4
-        assert list((run / stage / "logs").glob("events.out.tfevents.*"))
-        assert (run / stage / "logs" / "csv" / "version_0" / "metrics.csv").exists()
+        assert yaml.safe_load((logs / "config.yaml").read_text())["trainer"]["max_steps"] == 4
+        assert json.loads((logs / "run_info.json").read_text())["command"][:2] == ["lightning-saferl", "pipeline"]
+        assert list(logs.glob("events.out.tfevents.*")) and (logs / "metrics.csv").exists()
+        # both checkpoints carry the stage's resolved config and its hash
+        assert final[CONFIG_KEY] == last[CONFIG_KEY] and len(final[CONFIG_KEY]["sha256"]) == 64
+        assert final[CONFIG_KEY]["config"]["trainer.max_steps"] == 4
+    records = {s: torch.load(run / s / "model.ckpt", weights_only=True)[CONFIG_KEY] for s in ("reward_critic", "actor")}
+    assert records["actor"]["config"]["input_sha256.reward_critic"] == records["reward_critic"]["sha256"]
     summary = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert (summary["task"], summary["algorithm"], summary["episodes"]) == ("PointRobot-v0", "fisor", 2)
+    assert type(summary["episodes"]) is int and type(summary["return_mean"]) is float  # counts stay integers
     assert "normalized_return" not in summary  # PointRobot has no DSRL reference scores
     info = json.loads((run / "run_info.json").read_text())
     assert info["seed"] == 0 and info["versions"]["lightning"]
@@ -86,15 +103,103 @@ def test_rerun_on_a_finished_run_dir_only_evaluates(fisor_run, capsys):
     assert "summary" in out and "violation_free_fraction" in out  # the table
 
 
-def test_smoke_and_overrides(tmp_path, tiny):
+def test_smoke_and_overrides(tmp_path, tiny, monkeypatch):
     other = write_tiny(tmp_path / "other.hdf5", n=120, episode=40)
     recipe = write_yaml(tmp_path / "r.yaml", fisor_recipe(tiny, steps=50))
+    replaced = []  # files renamed into place: written under a temporary name first
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append(Path(dst).name), real_replace(src, dst)))
     summary = main_summary(["pipeline", "--config", recipe, "--run_dir", str(tmp_path / "run"), "--smoke",
                             "--data.path", other, "--algorithm", "mine"])
     assert summary["algorithm"] == "mine" and summary["episodes"] == 2
-    config = yaml.safe_load((tmp_path / "run" / "actor" / "config.yaml").read_text())
+    config = yaml.safe_load((version_dir(tmp_path / "run", "actor") / "config.yaml").read_text())
     assert config["data"]["path"] == other and config["trainer"]["max_steps"] == 5  # --smoke
     assert torch.load(tmp_path / "run" / "actor" / "model.ckpt", weights_only=True)["global_step"] == 5
+    assert {"summary.json", "config.yaml", "run_info.json", "model.ckpt"} <= set(replaced)
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_command_line_wins_over_the_recipe_at_every_level(tmp_path, tiny):
+    recipe = fisor_recipe(tiny, steps=50)  # shared recipe value: 50
+    recipe["stages"]["reward_critic"]["trainer"] = {"max_steps": 3}  # a stage's own recipe value
+    recipe["stages"]["actor"]["data"] = {"batch_size": 12}
+    path = write_yaml(tmp_path / "r.yaml", recipe)
+    run = tmp_path / "run"
+    # the shared value comes before --config and still wins; a stage's value wins over the shared one
+    main(["pipeline", "--trainer.max_steps", "4", "--config", path, "--run_dir", str(run),
+          "--stages.actor.trainer.max_steps", "2", "--stages.actor.model.init_args.num_candidates", "3",
+          "--data.batch_size", "8", "--stages.reward_critic.data.steps_per_epoch", "2"])
+    steps = {s: torch.load(run / s / "model.ckpt", weights_only=True)["global_step"]
+             for s in ("feasibility_critic", "reward_critic", "actor")}
+    assert steps == {"feasibility_critic": 4, "reward_critic": 4, "actor": 2}
+    configs = {s: yaml.safe_load((version_dir(run, s) / "config.yaml").read_text()) for s in steps}
+    actor = configs["actor"]
+    assert actor["model"]["init_args"]["num_candidates"] == 3  # typed by the signature
+    assert actor["model"]["init_args"]["hidden_dim"] == 8 and actor["inputs"]["reward_critic"] == "reward_critic"
+    assert actor["data"]["batch_size"] == 8  # the command line's shared value beats the stage's recipe value
+    assert configs["reward_critic"]["data"]["steps_per_epoch"] == 2
+    assert configs["feasibility_critic"]["data"]["steps_per_epoch"] == 3  # only that stage's key changed
+    assert actor["trainer"]["log_every_n_steps"] == 1 and actor["trainer"]["enable_progress_bar"] is False
+
+
+def test_recipe_interpolation_and_typed_shared_values(tmp_path, tiny):
+    recipe = fisor_recipe(tiny)
+    recipe["stages"]["actor"]["trainer"] = {"max_steps": "${trainer.max_steps}"}
+    cfg = parse_args(["--config", write_yaml(tmp_path / "r.yaml", recipe), "--trainer.max_steps", "10"])
+    assert cfg.stages["actor"]["trainer"]["max_steps"] == 4  # resolved within the recipe file (OmegaConf)
+    assert cfg.trainer.max_steps == 10  # an int, typed by the Trainer signature
+    assert cfg.overrides == ["--trainer.max_steps", "10"]  # applied to each stage after its recipe values
+    with pytest.raises(KeyError, match="--stages.critic.trainer.max_steps"):
+        parse_args(["--config", write_yaml(tmp_path / "r.yaml", recipe), "--stages.critic.trainer.max_steps", "1"])
+
+
+def test_rerun_with_another_config_is_refused_until_restarted(fisor_run, tmp_path, capsys):
+    source, recipe = fisor_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    base = ["pipeline", "--config", recipe, "--run_dir", str(run)]
+    mtimes = {p: p.stat().st_mtime_ns for p in run.glob("*/model.ckpt")}
+    changed = ["--stages.actor.model.init_args.num_candidates", "3", "--stages.reward_critic.trainer.max_steps", "5"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, *changed])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'reward_critic' (trainer.max_steps)" in err
+    assert "'actor' (input_sha256.reward_critic, model.init_args.num_candidates)" in err
+    assert "--restart reward_critic actor" in err
+    assert {p: p.stat().st_mtime_ns for p in run.glob("*/model.ckpt")} == mtimes  # nothing trained
+    assert stage_conflicts(parse_args([*base[1:], *changed]))["reward_critic"] == ["trainer.max_steps"]
+    # display-only keys may change
+    main([*base, "--trainer.log_every_n_steps", "3", "--trainer.enable_model_summary", "true"])
+    assert capsys.readouterr().out.count("finished earlier") == 3
+    # an interrupted stage (last.ckpt only) is checked too
+    (run / "actor" / "model.ckpt").unlink()
+    assert stage_conflicts(parse_args([*base[1:], *changed[:2]])) == {
+        "actor": ["model.init_args.num_candidates"]}
+    # --restart trains the stage afresh, and the stages that take its output
+    main([*base, *changed, "--restart", "[reward_critic]"])
+    out = capsys.readouterr().out
+    assert "stage 'feasibility_critic': finished earlier" in out
+    assert "stage 'reward_critic': RewardCritic, max_steps=5, restarted" in out
+    assert "stage 'actor': FisorActor, max_steps=4, restarted" in out
+    assert torch.load(run / "reward_critic" / "model.ckpt", weights_only=True)["global_step"] == 5
+    assert (version_dir(run, "actor", 1) / "checkpoints" / "last.ckpt").exists()  # a new run directory
+    assert yaml.safe_load((run / "config.yaml").read_text())["restart"] == []  # a rerun of it reuses the stages
+    main([*base, *changed])
+    assert capsys.readouterr().out.count("finished earlier") == 3
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    target = tmp_path / "summary.json"
+    atomic_write_text(target, "old")
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
 def main_summary(argv):
@@ -118,7 +223,7 @@ def test_dsrl_baseline_recipes_report_normalized_scores(tmp_path, tiny, recipe, 
     monkeypatch.setitem(lightning_saferl.envs.ENV_FACTORIES, "OfflineBallRun-v0",
                         lambda **kw: gymnasium.make("PointRobot-v0"))
     recipe_cfg = yaml.safe_load((CONFIGS / "baselines" / recipe).read_text())
-    assert recipe_cfg["evaluation"]["cost_limit"] == 10
+    assert recipe_cfg.get("cost_limit", 10) == 10  # BC-Safe trains for 10; BC-All is scored at the family's limits
     assert recipe_cfg["stages"]["policy"]["model"]["init_args"].get("cost_limit", 10) == 10
     summary = main_summary(["pipeline", "--config", str(CONFIGS / "baselines" / recipe), "--smoke",
                             "--data.task", "OfflineBallRun-v0", "--data.path", tiny,

@@ -16,10 +16,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import lightning.pytorch  # noqa: F401  (before any test: its log handler then writes to the real stderr, not
+# to the stderr a test captures, as for a user who sees Lightning's lines above the one error line)
 import torch
 import yaml
 
-from lightning_saferl.cli import main
+from lightning_saferl.cli import DEBUG_HINT, main
 from lightning_saferl.data.format import DatasetError, write_dataset
 from lightning_saferl.policy import load_module
 
@@ -103,9 +105,11 @@ def run_dirs(root):
 
 
 def error_line(capsys, command):
+    """The one error line, without the closing hint (which every such line has)."""
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"lightning-saferl {command}: error:") and "\n" not in err and "Traceback" not in err
-    return err
+    assert err.endswith(DEBUG_HINT)
+    return err[:-len(DEBUG_HINT)]
 
 
 def expect_error(capsys, argv):
@@ -268,7 +272,7 @@ def test_non_finite_loss_in_a_pipeline_names_the_stage(tmp_path, capsys):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     err = expect_error(capsys, ["pipeline", "--config", str(tmp_path / "r.yaml"), "--run_dir", str(tmp_path / "run")])
     assert "error: stage 'critic': RewardCritic: loss 'q_loss' is inf at step 0;" in err
-    assert not (tmp_path / "run" / "critic" / "checkpoints" / "last.ckpt").exists()
+    assert not list((tmp_path / "run" / "critic").rglob("last.ckpt"))
     assert not (tmp_path / "run" / "critic" / "model.ckpt").exists()
 
 
@@ -334,7 +338,7 @@ def test_sigkill_pipeline_resumes_skipping_finished_stages(tmp_path, helpers, go
                           env={**helpers, "SAFERL_TEST_KILL": "1"}, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (run / "critic" / "model.ckpt").exists() and not (run / "policy" / "model.ckpt").exists()
-    last = run / "policy" / "checkpoints" / "last.ckpt"
+    last = run / "policy" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 4  # the periodic checkpoint before the kill
     critic_mtime = (run / "critic" / "model.ckpt").stat().st_mtime_ns
 
@@ -352,8 +356,10 @@ def test_sigkill_pipeline_resumes_skipping_finished_stages(tmp_path, helpers, go
     assert calls and all(w is True for w in calls)
     assert (run / "critic" / "model.ckpt").stat().st_mtime_ns == critic_mtime  # not trained again
     main(["pipeline", "--config", str(path), "--run_dir", str(tmp_path / "reference")])
-    resumed = real_load(run / "policy" / "checkpoints" / "last.ckpt", weights_only=True)
-    reference = real_load(tmp_path / "reference" / "policy" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = real_load(run / "policy" / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt",
+                        weights_only=True)  # the resumed run: a new run directory, as with `fit --ckpt_path`
+    reference = real_load(tmp_path / "reference" / "policy" / "lightning_logs" / "version_0" / "checkpoints" /
+                          "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 8
     assert_same_training_state(resumed, reference)
     assert json.loads((run / "summary.json").read_text())["return_mean"] == pytest.approx(
@@ -383,7 +389,7 @@ def test_same_config_and_seed_give_identical_losses_and_evaluation(tmp_path, goo
         main(["pipeline", "--config", str(tmp_path / "r.yaml"), "--run_dir", str(run)])
 
     def losses(run, stage):
-        rows = csv.DictReader(open(run / stage / "logs" / "csv" / "version_0" / "metrics.csv"))
+        rows = csv.DictReader(open(run / stage / "lightning_logs" / "version_0" / "metrics.csv"))
         return [(int(r["step"]), r["loss"]) for r in rows if r.get("loss")]
 
     for stage, steps in (("feasibility_critic", 30), ("reward_critic", 30), ("actor", 100)):
@@ -395,3 +401,61 @@ def test_same_config_and_seed_give_identical_losses_and_evaluation(tmp_path, goo
     assert summaries[0] == summaries[1]
     assert json.loads((runs[0] / "run_info.json").read_text())["seed"] == 3
     assert yaml.safe_load((runs[0] / "config.yaml").read_text())["seed_everything"] == 3
+
+
+# ------------------------------------------------------------------------------------------- errors that are bugs
+def test_a_bug_keeps_its_traceback(tmp_path, good_file, monkeypatch):
+    """Only the project's input errors become one line; a TypeError from a bug propagates."""
+    def bug(cfg):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+    monkeypatch.setattr("lightning_saferl.pipeline.apply_cost_limit", bug)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(bc_recipe(good_file), sort_keys=False))
+    with pytest.raises(TypeError, match="unsupported operand"):
+        main(["pipeline", "--config", str(recipe), "--run_dir", str(tmp_path / "run")])
+
+
+def test_help_does_not_import_lightning():
+    code = ("import sys; from lightning_saferl.cli import main; main(['--help']); "
+            "print('LOADED' if 'lightning' in sys.modules else 'NOT LOADED')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "NOT LOADED", proc.stderr[-2000:]
+
+
+def test_collect_options_use_underscores_and_an_unknown_task_is_one_line(tmp_path, capsys):
+    for num_envs in ("--num_envs", "--num-envs"):  # the dashed spelling still works
+        out = tmp_path / f"{num_envs}.hdf5"
+        main(["collect", "--out", str(out), "--steps", "40", num_envs, "4", "--no_progress"])
+        with h5py.File(out) as f:
+            assert len(f["rewards"]) == 40
+    err = expect_error(capsys, ["collect", "--task", "PointRobot-v9", "--out", str(tmp_path / "x.hdf5")])
+    assert "unknown task id 'PointRobot-v9'" in err and "PointRobot-v0" in err
+
+
+def test_fit_on_a_dsrl_task_not_cached_downloads_before_building_the_model(tmp_path, monkeypatch):
+    """The model's dims come from the file, which is fetched (here: a fake download of a local file) first."""
+    from lightning_saferl.data.datamodule import OfflineDataModule
+    from lightning_saferl.data.tasks import get_task
+
+    spec = get_task("OfflineCarCircle-v0")
+    source = str(write_dataset(tmp_path / "source.hdf5", arrays(n=64, obs_dim=7, act_dim=3)))
+    cache = tmp_path / "dsrl"
+    monkeypatch.setenv("DSRL_DATASET_DIR", str(cache))
+    fetched = []
+
+    def fake_download(self):
+        target = cache / spec.dataset_file
+        if not target.exists():
+            fetched.append(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(Path(source).read_bytes())
+        return target
+
+    monkeypatch.setattr(OfflineDataModule, "dataset_path", fake_download)
+    main(["fit", "--model", BC, "--model.hidden_dims", "[4]", "--data.task", spec.task_id,
+          "--data.batch_size", "8", "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path / "out"),
+          *QUIET_ARGS])
+    hparams = torch.load(run_dirs(tmp_path / "out")[-1] / "checkpoints" / "last.ckpt",
+                         weights_only=True)["hyper_parameters"]
+    assert fetched and (hparams["obs_dim"], hparams["act_dim"]) == (7, 3)

@@ -1,0 +1,185 @@
+"""Run directories, shared by `fit` and every `pipeline` stage: one layout, one way to build the Trainer.
+
+A run logs into `<root>/lightning_logs/version_N/` (root: `--trainer.default_root_dir` for `fit`,
+`<run_dir>/<stage>` for a pipeline stage; a new N per start or resume):
+
+    metrics.csv, events.out.tfevents.*   CSV and TensorBoard logs
+    config.yaml, run_info.json           the resolved config; seed, package versions and command line
+    checkpoints/last.ckpt                full state, every N steps, at the end and on SIGTERM
+
+Config records: a pipeline stage writes into each of its checkpoints (`CONFIG_KEY`) its resolved config without
+`RESULT_NEUTRAL_KEYS` and the config's sha256, so a rerun can tell whether a checkpoint belongs to the config
+it is given (`config_changes`).
+
+Files that other programs read (configs, records, summaries) are written atomically (`atomic_write_text`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+__all__ = ["atomic_write_text", "write_run_record", "RunRecord", "write_run_info", "package_versions", "trainer_arguments",
+           "latest_checkpoint", "config_record", "config_changes", "stored_record", "CONFIG_KEY",
+           "RESULT_NEUTRAL_KEYS"]
+
+#: checkpoint entry holding {"sha256": ..., "config": ...} of the config the checkpoint was trained with
+CONFIG_KEY = "lightning_saferl_config"
+#: config keys that only decide what is shown or where logs go: they never change weights or metrics, so a rerun
+#: may change them. Everything else counts (callbacks too: a callback may draw random numbers or stop training).
+RESULT_NEUTRAL_KEYS = ("trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.logger",
+                       "trainer.log_every_n_steps", "trainer.default_root_dir")
+
+
+def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
+    """Write `text` to a temporary file of this process next to `path`, then rename it over `path`: a reader
+    sees the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def package_versions() -> dict[str, Optional[str]]:
+    import importlib.metadata as md
+    import platform
+
+    versions: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for pkg in ("lightning-saferl", "torch", "lightning", "gymnasium", "numpy", "h5py", "jsonargparse"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return versions
+
+
+def write_run_info(directory, seed: Any, command: Optional[list[str]] = None) -> None:
+    """`<directory>/run_info.json`: the seed, package versions and the command line, for repeating the run."""
+    info = {"seed": seed, "versions": package_versions(), "command": command if command is not None else sys.argv,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_text(Path(directory) / "run_info.json", json.dumps(info, indent=2))
+
+
+def write_run_record(directory, config_yaml: str, seed: Any, command: Optional[list[str]] = None) -> None:
+    """`config.yaml` and `run_info.json` of a run directory."""
+    atomic_write_text(Path(directory) / "config.yaml", config_yaml)
+    write_run_info(directory, seed, command)
+
+
+class RunRecord(Callback):
+    """Writes `config.yaml` (`config_yaml`) and `run_info.json` into the run directory when training is set up
+    (rank zero; after the loggers created the directory)."""
+
+    def __init__(self, directory: Union[str, os.PathLike], config_yaml: str, seed: Any,
+                 command: Optional[list[str]] = None):
+        self.directory, self.config_yaml, self.seed, self.command = directory, config_yaml, seed, command
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.is_global_zero:
+            write_run_record(self.directory, self.config_yaml, self.seed, self.command)
+
+
+def _next_version(root: Path) -> str:
+    versions = [int(d.name[len("version_"):]) for d in (root.iterdir() if root.is_dir() else [])
+                if d.name.startswith("version_") and d.name[len("version_"):].isdigit()]
+    return f"version_{max(versions, default=-1) + 1}"
+
+
+def latest_checkpoint(root: Union[str, os.PathLike]) -> Optional[Path]:
+    """`checkpoints/last.ckpt` of the newest run under `<root>/lightning_logs` that has one (None if none)."""
+    found = [(int(p.parent.parent.name[len("version_"):]), p)
+             for p in Path(root, "lightning_logs").glob("version_*/checkpoints/last.ckpt")
+             if p.parent.parent.name[len("version_"):].isdigit()]
+    return max(found)[1] if found else None
+
+
+class _RecordingCheckpointIO(TorchCheckpointIO):
+    """Torch checkpoint files with the run's config record added (`CONFIG_KEY`)."""
+
+    def __init__(self, record: dict):
+        super().__init__()
+        self.record = record
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
+        super().save_checkpoint({**checkpoint, CONFIG_KEY: self.record}, path, storage_options)
+
+
+def trainer_arguments(config: dict, last_checkpoint: Any = None,
+                      record: Optional[dict] = None) -> tuple[dict, Path]:
+    """(Trainer arguments, run directory): `config` (Trainer arguments, instantiated objects) completed the way
+    every lightning-saferl run is. The run directory is the next `<default_root_dir>/lightning_logs/version_N`;
+    with `logger` unset or True, CSV + TensorBoard loggers write there; `last_checkpoint` (a LastCheckpoint, its
+    `dirpath` defaulting to `<run directory>/checkpoints`) joins the callbacks unless checkpointing is disabled;
+    `record` is written into every checkpoint."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    config = dict(config)
+    root = Path(config.get("default_root_dir") or os.getcwd())
+    version = _next_version(root / "lightning_logs")
+    run_dir = root / "lightning_logs" / version
+    callbacks = config.get("callbacks") or []
+    callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    if last_checkpoint is not None and config.get("enable_checkpointing") is not False:
+        if last_checkpoint.dirpath is None:
+            last_checkpoint.dirpath = str(run_dir / "checkpoints")
+        callbacks.append(last_checkpoint)
+    config["callbacks"] = callbacks
+    if config.get("logger") in (None, True):
+        # CSV first: it is the log_dir owner, and it must find the directory empty (TensorBoard writes at once)
+        config["logger"] = [CSVLogger(root, name="lightning_logs", version=version),
+                            TensorBoardLogger(root, name="lightning_logs", version=version, default_hp_metric=False)]
+    if record is not None:
+        plugins = config.get("plugins") or []
+        config["plugins"] = [*(plugins if isinstance(plugins, (list, tuple)) else [plugins]),
+                             _RecordingCheckpointIO(record)]
+    return config, run_dir
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _without_neutral(config: dict) -> dict:
+    flat = _flatten(config)
+    return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in RESULT_NEUTRAL_KEYS)}
+
+
+def config_record(config: dict) -> dict:
+    """{"sha256", "config"} of a resolved config (plain YAML/JSON values), `RESULT_NEUTRAL_KEYS` left out."""
+    kept = _without_neutral(config)
+    return {"sha256": hashlib.sha256(_canonical(kept).encode()).hexdigest(), "config": kept}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose value differs between two configs (or records), `RESULT_NEUTRAL_KEYS` ignored."""
+    old = old["config"] if "sha256" in old else _without_neutral(old)
+    new = new["config"] if "sha256" in new else _without_neutral(new)
+    return sorted(k for k in old.keys() | new.keys() if _canonical(old.get(k)) != _canonical(new.get(k)))
+
+
+def stored_record(checkpoint: dict) -> Optional[dict]:
+    """The config record a checkpoint dict was saved with (None for checkpoints written without one)."""
+    record = checkpoint.get(CONFIG_KEY)
+    return record if isinstance(record, dict) and "sha256" in record else None
