@@ -19,8 +19,8 @@ then every seed's figures, their mean and standard deviation, and as the last st
 Held-out starts: drawn from the evaluation stream ``EVALUATION_STREAM + start_seed``
 (`lightning_saferl.envs.oracle.feasible_starts`), never used by data collection, and checked to contain no row of
 the dataset. Reported figures use ``--start_seed 0``; tune with other start seeds (e.g. ``--start_seed 1``).
-Re-running on the same run_dir reuses finished stages of the same config (BC checkpoints are named by seed,
-dataset and steps). Figures: <run_dir>/<dataset>/seed<S>/feasible_region.png (the oracle's shadow hatched).
+Re-running on the same run_dir reuses finished stages of the same config and retrains the stages whose config
+changed (and those fed by them); BC checkpoints are named by seed, dataset and steps. Figures: <run_dir>/<dataset>/seed<S>/feasible_region.png (the oracle's shadow hatched).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from lightning_saferl.data.datamodule import OfflineDataModule
 from lightning_saferl.envs import point_robot as pr
 from lightning_saferl.envs.oracle import dataset_rows_among, feasibility_scores, feasible_starts, is_feasible
 from lightning_saferl.evaluation import EpisodeRunner
-from lightning_saferl.pipeline import build_parser, print_table, run_pipeline
+from lightning_saferl.pipeline import build_parser, print_table, run_pipeline, stage_conflicts
 from lightning_saferl.policy import load_module
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "fisor" / "point_robot.yaml"
@@ -83,11 +83,16 @@ def train_bc(cls, steps: int, seed_dir: Path, seed: int, behavior: str):
 def run_seed(seed: int, behavior: str, data: dict, starts: list[dict], args, run_dir: Path) -> dict:
     started = time.time()
     seed_dir = run_dir / behavior / f"seed{seed}"
-    pipeline_args = ["--config", str(RECIPE), "--run_dir", str(seed_dir / "fisor"), "--seed_everything", str(seed),
+    pipeline_args = ["--config", args.recipe, "--run_dir", str(seed_dir / "fisor"), "--seed_everything", str(seed),
                      "--data.seed", str(seed), "--data.behavior", behavior]
     if args.quick:
         pipeline_args.append("--smoke")
-    run_pipeline(build_parser().parse_args(pipeline_args))
+    config = build_parser().parse_args(pipeline_args)
+    changed = stage_conflicts(config)  # stages cached for another config (e.g. an edited recipe) train afresh
+    if changed:
+        print(f"[benchmark] {seed_dir}: retraining stages of a changed config: {changed}")
+        config = build_parser().parse_args(pipeline_args + ["--restart", json.dumps(list(changed))])
+    run_pipeline(config)
     actor = load_module(str(seed_dir / "fisor" / "actor" / "model.ckpt")).eval()
     critic = actor.feasibility_critic
     with torch.no_grad():
@@ -178,6 +183,7 @@ def main() -> None:
     parser.add_argument("--start_seed", type=int, default=0,
                         help="evaluation-start stream: 0 for reported figures, others for tuning")
     parser.add_argument("--run_dir", default="benchmarks/out/fisor_point_robot")
+    parser.add_argument("--recipe", default=str(RECIPE), help="FISOR recipe (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="pipeline --smoke and few episodes (a check only)")
     parser.add_argument("--bc_steps", type=int, default=5000)
     parser.add_argument("--standard_episodes", type=int, default=20)
