@@ -138,9 +138,12 @@ def _plot(rows: list[dict], path: Path) -> None:
                 ax.errorbar([r["cost_mean"] for r in mine], [r["reward_mean"] for r in mine],
                             xerr=[r["cost_std"] for r in mine], yerr=[r["reward_std"] for r in mine], fmt="o",
                             color=colors[algorithm], label=algorithm, capsize=2)
+                for r in mine:  # each point is labelled with its cost limit
+                    ax.annotate(f"{r['cost_limit']:g}", (r["cost_mean"], r["reward_mean"]), fontsize=7,
+                                xytext=(3, 3), textcoords="offset points", color=colors[algorithm])
         ax.axvline(1.0, color="k", linestyle="--", linewidth=1)
         ax.set_title(family)
-        ax.set_xlabel("normalised cost (safe left of 1)")
+        ax.set_xlabel("normalised cost (safe left of 1); labels: cost limit")
         ax.set_ylabel("raw episode return" if members[0]["reward_kind"] == "raw" else "normalised reward")
         ax.legend(fontsize=7)
     fig.tight_layout()
