@@ -7,10 +7,10 @@ Every cell is an ordinary `lightning-saferl pipeline` run directory under DIR, n
 `<algorithm>/<task>/[<grid values>/]limit_<L>/seed_<S>`; its output goes to `<cell>/log.txt`. Remaining arguments
 (e.g. `--data.path FILE`, `--trainer '{...}'`) are passed to every cell.
 
-Cost limits (default: `--cost_limits`, else the recipe's evaluation limits, else the task family's,
-`TaskSpec.cost_limits`): a recipe whose training follows the limit (it names `cost_limit_fields`) gets one cell per
-limit (`--cost_limit L`); any other recipe is trained once per (task, seed) and scored at every limit, in a cell
-named `limits_<L1>_<L2>...`.
+Cost limits: `--cost_limits`, else the task family's (`TaskSpec.cost_limits`). A recipe whose training follows the
+limit (it names `cost_limit_fields`) gets one cell per limit (`--cost_limit L`, scored at L); any other recipe is
+trained once per (task, seed) and scored at every limit, in a cell named `limits_<L1>_<L2>...`, and its own
+`evaluation.cost_limits` (or `evaluation.cost_limit`), where set, replaces the family's default.
 
 A rerun skips the cells whose `summary.json` exists, resumes the others (the pipeline continues from the stages'
 checkpoints), and refuses a cell whose stored `config.yaml` differs from the config it would run now. A failing
@@ -76,25 +76,16 @@ def _parse_grid(items: Sequence[str]) -> list[tuple[str, list]]:
     return grid
 
 
-def _recipe(argv: list[str]):
-    from lightning_saferl.pipeline import parse_args
-
-    return parse_args(argv)
-
-
-def _limits_str(limits: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{float(v):g}" for v in limits) + "]"
-
-
 def plan(recipe: str, out: Path, seeds: Sequence[int], tasks: Optional[Sequence[str]] = None,
          cost_limits: Optional[Sequence[float]] = None, grid: Sequence[str] = (), overrides: Sequence[str] = (),
          smoke: bool = False) -> list[Cell]:
     """The cells of the sweep (module docstring), in a stable order."""
     from lightning_saferl.data.tasks import get_task
     from lightning_saferl.evaluation import cost_limit_list, limit_key
+    from lightning_saferl.pipeline import parse_args
 
     base_argv = ["--config", str(Path(recipe).resolve()), *overrides]
-    base = _recipe(base_argv)
+    base = parse_args(base_argv)
     follows = bool(base.cost_limit_fields)
     recipe_limits = None if follows else (base.evaluation.cost_limits if base.evaluation.cost_limits is not None
                                           else base.evaluation.cost_limit)
@@ -116,10 +107,10 @@ def plan(recipe: str, out: Path, seeds: Sequence[int], tasks: Optional[Sequence[
                              else "limits_" + "_".join(limit_key(v) for v in group))
                 name = "/".join([base.algorithm, task, *labels, limit_dir, f"seed_{seed}"])
                 argv = [*base_argv, "--data.task", task, *grid_argv, "--algorithm", algorithm,
-                        "--seed_everything", str(seed), "--evaluation.cost_limits", _limits_str(group),
+                        "--seed_everything", str(seed), "--evaluation.cost_limits", json.dumps(group),
                         "--run_dir", str(out / name)]
                 if follows:
-                    argv += ["--cost_limit", f"{group[0]:g}"]
+                    argv += ["--cost_limit", repr(group[0])]
                 if smoke:
                     argv.append("--smoke")
                 cells.append(Cell(name, argv))
@@ -132,9 +123,9 @@ def plan(recipe: str, out: Path, seeds: Sequence[int], tasks: Optional[Sequence[
 def resolved_config(argv: list[str]) -> dict:
     """The config a pipeline run with these arguments stores in `<run_dir>/config.yaml` (`pipeline._Plan` applies
     the cost limit before the record is written)."""
-    from lightning_saferl.pipeline import apply_cost_limit, build_parser
+    from lightning_saferl.pipeline import apply_cost_limit, build_parser, parse_args
 
-    cfg = _recipe(argv)
+    cfg = parse_args(argv)
     apply_cost_limit(cfg)
     return yaml.safe_load(build_parser().dump(cfg, skip_none=False))
 
