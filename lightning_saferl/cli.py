@@ -1,15 +1,17 @@
 """Entry point `lightning-saferl`:
 
     lightning-saferl fit|validate|test --config CFG.yaml [--model ...] [--data ...]   LightningCLI
-    lightning-saferl pipeline --config RECIPE.yaml [--run_dir DIR] [--smoke]          all stages, then evaluation
-    lightning-saferl collect --task PointRobot-v0 --out FILE --steps N --seed S       write a DSRL-format dataset
+    lightning-saferl pipeline --config RECIPE.yaml [--run_dir DIR] [--smoke] [--restart STAGE ...]   all stages,
+        then evaluation; --trainer.X / --data.X / --stages.<name>.<section>.<key> win over the recipe
+    lightning-saferl collect --task PointRobot-v0 --out FILE --steps N --seed S [--num_envs N]   write a dataset
     lightning-saferl sweep --config RECIPE --out DIR --seeds 0 1 2 [--tasks ..] [--cost_limits ..]   runs on Ray
     lightning-saferl table DIR... [--out OUT]       table.md/.csv/.json/.png from the finished runs below DIR...
 
-`fit` / `validate` / `test` defaults: data class OfflineDataModule (PointRobot-v0), `seed_everything: 0`,
-TensorBoard + CSV loggers in `lightning_logs/version_N/` (also holding `config.yaml`, `run_info.json` and
-`checkpoints/last.ckpt`, written every `--last_checkpoint.every_n_train_steps` steps, at the end and on SIGTERM),
-checkpoints read with `weights_only=True`. Resume a run with
+`fit` / `validate` / `test` (`lightning_saferl.lightning_cli`, imported only for these commands) defaults: data
+class OfflineDataModule (PointRobot-v0), `seed_everything: 0`, TensorBoard + CSV loggers in
+`lightning_logs/version_N/`, also holding `config.yaml`, `run_info.json` and `checkpoints/last.ckpt` (written
+every `--last_checkpoint.every_n_train_steps` steps, at the end and on SIGTERM); the layout of every pipeline stage
+too (`lightning_saferl.runs`). Checkpoints are read with `weights_only=True`. Resume a run with
 `lightning-saferl fit --config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt`.
 With `--ckpt_path` and neither `--model` nor `--config`, the model class is read from the checkpoint.
 

@@ -94,7 +94,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed_everything", type=int, default=0)
     parser.add_argument("--checkpoint_every_n_steps", type=PositiveInt, default=1000,
                         help="each stage refreshes checkpoints/last.ckpt this often (and at the end and on SIGTERM)")
-    parser.add_argument("--restart", type=list[str], default=[],
+    parser.add_argument("--restart", nargs="+", type=str, default=[], metavar="STAGE",
                         help="stages to train afresh although the run directory holds a checkpoint of a different "
                              "config (the stages that take their output restart too)")
     parser.add_class_arguments(OfflineDataModule, "data")

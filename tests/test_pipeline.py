@@ -177,7 +177,7 @@ def test_rerun_with_another_config_is_refused_until_restarted(fisor_run, tmp_pat
     assert stage_conflicts(parse_args([*base[1:], *changed[:2]])) == {
         "actor": ["model.init_args.num_candidates"]}
     # --restart trains the stage afresh, and the stages that take its output
-    main([*base, *changed, "--restart", "[reward_critic]"])
+    main([*base, "--restart", "reward_critic", *changed])
     out = capsys.readouterr().out
     assert "stage 'feasibility_critic': finished earlier" in out
     assert "stage 'reward_critic': RewardCritic, max_steps=5, restarted" in out
