@@ -3,7 +3,9 @@ the optimiser, per-step random streams, a hook after each optimiser step, access
 tag in checkpoints so a policy loads in one call."""
 from __future__ import annotations
 
+import math
 import os
+from functools import partial
 from typing import Any, Optional
 
 import lightning as L
@@ -24,6 +26,11 @@ class NonFiniteLossError(FloatingPointError):
         if self.last_checkpoint is None:
             return message
         return f"{message} Last good checkpoint: {self.last_checkpoint}"
+
+
+def cosine_decay(step: int, decay_steps: int) -> float:
+    """Learning-rate factor 0.5 (1 + cos(pi min(step, decay_steps) / decay_steps)): 1 -> 0, then 0."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, decay_steps) / decay_steps))
 
 
 def step_seed(seed: int, rank: int, step: int, micro_batch: int = 0) -> int:
@@ -139,7 +146,10 @@ class SafeRLModule(L.LightningModule):
         optimizer = torch.optim.Adam(params, lr=self.lr, fused=fused or None)
         if not self.cosine_decay_steps:
             return optimizer
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.cosine_decay_steps)
+        # cosine decay to 0 over cosine_decay_steps, then held at 0 (optax.cosine_decay_schedule, as FISOR's
+        # reference); torch's CosineAnnealingLR would climb back up after T_max.
+        factor = partial(cosine_decay, decay_steps=self.cosine_decay_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def dataset(self):

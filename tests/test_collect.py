@@ -103,7 +103,7 @@ def test_collect_main_and_errors(tmp_path, capsys):
                             "--behavior", "expert", "--no-progress"])
     assert out.exists() and summary["transitions"] == 1000
     assert "episodes" in capsys.readouterr().out
-    with pytest.raises(NotImplementedError, match="Nowhere-v0"):
+    with pytest.raises(KeyError, match="unknown task id 'Nowhere-v0'"):  # an InputError: one line from the CLI
         collect("Nowhere-v0", tmp_path / "x.hdf5", steps=10, seed=0)
     with pytest.raises(ValueError, match="behavior"):
         collect("PointRobot-v0", tmp_path / "x.hdf5", steps=10, seed=0, behavior="greedy")

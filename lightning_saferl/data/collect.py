@@ -14,6 +14,8 @@ Behaviours (per episode; starts are random-start draws, or the standard start wi
   expert ones; all non-random episodes add Gaussian action noise with a per-episode std uniform in
   [0, 0.8]. The data then hold safe goal-reaching episodes, hazard-entering ones, and episodes that
   start inside a hazard or doomed to enter one.
+* ``scarce``: the same kinds of episodes with safe expert ones scarce: 10% expert, 60% reckless, 30% random
+  (the data FISOR is meant for: mostly unsafe or aimless behaviour, few safe demonstrations).
 
 Every DSRL task is collected from its simulator env (`lightning_saferl.envs.make_env`) by `rollout_env`:
 ``num_envs`` env instances are stepped in lockstep (one batched policy call per step), episode ``k`` is reset
@@ -51,18 +53,19 @@ import torch
 from tqdm import tqdm
 
 from lightning_saferl.data.format import write_dataset
-from lightning_saferl.data.tasks import dsrl_task_ids
+from lightning_saferl.data.tasks import dsrl_task_ids, get_task
+from lightning_saferl.errors import InputError
 from lightning_saferl.envs import point_robot as pr
 
-BEHAVIORS = ("mixed", "expert", "random")  # PointRobot-v0 (batched scripted behaviours)
+BEHAVIORS = ("mixed", "expert", "random", "scarce")  # PointRobot-v0 (batched scripted behaviours)
 ENV_BEHAVIORS = ("mixed", "random", "policy")  # simulator tasks
 ENV_NUM_ENVS = 8
 CORRELATION = 0.9
 CORRELATED_SCALE = (0.3, 1.0)
 STANDARD_START_PROB = 0.1
-MIXED_RANDOM_PROB = 0.15
-MIXED_RECKLESS_PROB = 0.25
 MIXED_MAX_NOISE = 0.8
+# behaviour -> (random share, reckless share) of episodes; the rest are expert (avoiding hazards)
+EPISODE_MIX = {"mixed": (0.15, 0.25), "scarce": (0.3, 0.6)}
 
 
 def _point_robot_wave(
@@ -75,9 +78,10 @@ def _point_robot_wave(
     states[standard] = torch.tensor(pr.STANDARD_START, dtype=dtype)
     draw = torch.rand(num_envs, generator=generator, dtype=dtype)
     noise_std = MIXED_MAX_NOISE * torch.rand(num_envs, generator=generator, dtype=dtype)
-    if behavior == "mixed":
-        random_mode = draw < MIXED_RANDOM_PROB
-        avoid = draw >= MIXED_RANDOM_PROB + MIXED_RECKLESS_PROB
+    if behavior in EPISODE_MIX:
+        random_share, reckless_share = EPISODE_MIX[behavior]
+        random_mode = draw < random_share
+        avoid = draw >= random_share + reckless_share
     else:
         random_mode = torch.full((num_envs,), behavior == "random")
         avoid = torch.ones(num_envs, dtype=torch.bool)
@@ -330,7 +334,8 @@ def collect(
     ``policy``/``noise``: behaviour-policy checkpoint and its Gaussian noise std (simulator tasks).
     """
     if task_id not in COLLECTORS:
-        raise NotImplementedError(f"collect: no collector for task {task_id!r} (available: {sorted(COLLECTORS)})")
+        get_task(task_id)  # an unknown id: UnknownNameError naming the close ones
+        raise InputError(f"collect: no collector for task {task_id!r} (available: {sorted(COLLECTORS)})")
     options = {"num_envs": num_envs} if num_envs is not None else {}
     if task_id == pr.ENV_ID:
         if policy is not None:
@@ -370,10 +375,10 @@ def collect_main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--policy", default=None, help="policy checkpoint for --behavior policy / mixed")
     parser.add_argument("--noise", type=float, default=0.3,
                         help="std of the Gaussian noise added to the policy's actions (default: %(default)s)")
-    parser.add_argument("--num-envs", type=int, default=None,
+    parser.add_argument("--num_envs", "--num-envs", type=int, default=None,
                         help=f"episodes simulated together (default: 2048 for {pr.ENV_ID}, "
                              f"{ENV_NUM_ENVS} env instances otherwise)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no_progress", "--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     return collect(args.task, args.out, args.steps, args.seed, args.behavior, args.num_envs, not args.no_progress,
                    args.policy, args.noise)

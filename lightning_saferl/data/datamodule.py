@@ -18,9 +18,10 @@ from typing import Any, Iterator, Optional, Union
 import lightning.pytorch as pl
 import torch
 
-from lightning_saferl.data.download import dsrl_dataset_dir, resolve_dataset
+from lightning_saferl.data.download import dsrl_dataset_dir, mirror_base, resolve_dataset
 from lightning_saferl.data.format import DatasetError, Transitions, read_dataset, read_dims
 from lightning_saferl.data.tasks import TaskSpec, get_task
+from lightning_saferl.errors import InputError
 
 __all__ = ["OfflineDataModule", "default_cache_dir", "point_robot_dataset_path"]
 
@@ -97,8 +98,13 @@ class OfflineDataModule(pl.LightningDataModule):
         cache_dir: where generated PointRobot datasets live (default ``$LIGHTNING_SAFERL_CACHE`` or
             ``~/.cache/lightning_saferl``).
         num_transitions: size of the generated PointRobot dataset.
+        behavior: behaviour of the generated PointRobot dataset (`lightning_saferl.data.collect`): ``mixed``
+            (the default data) or ``scarce`` (safe expert episodes scarce), also ``expert`` / ``random``.
         scale_reward: multiply rewards by max_episode_steps / (R_max - R_min) (DSRL tasks only).
         download: allow downloading a missing DSRL dataset.
+        mirror: where DSRL datasets are downloaded from: ``dsrl`` (DSRL's server), ``huggingface`` (the Hugging
+            Face dataset repo mirroring DSRL's files), ``hf:<owner>/<repo>`` or a base URL (see
+            `lightning_saferl.data.download.mirror_base`).
 
     ``obs_dim``/``act_dim`` are known right after construction for PointRobot (from the task registry) and, for
     DSRL tasks, when the file is already present (shapes are read from the HDF5 file, no data); otherwise
@@ -116,10 +122,12 @@ class OfflineDataModule(pl.LightningDataModule):
         num_transitions: int = 100_000,
         scale_reward: bool = False,
         download: bool = True,
+        behavior: str = "mixed",
+        mirror: str = "dsrl",
     ):
         super().__init__()
         if batch_size < 1 or steps_per_epoch < 1 or num_transitions < 1:
-            raise ValueError(f"batch_size, steps_per_epoch and num_transitions must be >= 1, got {batch_size}, "
+            raise InputError(f"batch_size, steps_per_epoch and num_transitions must be >= 1, got {batch_size}, "
                              f"{steps_per_epoch}, {num_transitions}")
         self.save_hyperparameters()
         self.task_spec: TaskSpec = get_task(task)
@@ -130,6 +138,13 @@ class OfflineDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self.num_transitions = int(num_transitions)
         self.download = bool(download)
+        mirror_base(mirror)  # an unknown mirror fails here, not at download time
+        self.mirror = mirror
+        from lightning_saferl.data.collect import BEHAVIORS
+
+        if behavior not in BEHAVIORS:
+            raise InputError(f"data.behavior: unknown behaviour {behavior!r}; choose one of {BEHAVIORS}")
+        self.behavior = behavior
         # raises for tasks without reference scores (PointRobot)
         self.reward_scale = self.task_spec.reward_scale_factor if scale_reward else 1.0
         self._data: Optional[Transitions] = None
@@ -163,7 +178,7 @@ class OfflineDataModule(pl.LightningDataModule):
         if self.path is not None:
             return Path(self.path).expanduser()  # read_dims reports a missing file
         if self._is_generated():
-            p = point_robot_dataset_path(self.cache_dir, self.num_transitions)
+            p = point_robot_dataset_path(self.cache_dir, self.num_transitions, behavior=self.behavior)
         elif self.task_spec.dataset_file is not None:
             p = dsrl_dataset_dir() / self.task_spec.dataset_file
         else:
@@ -171,8 +186,8 @@ class OfflineDataModule(pl.LightningDataModule):
         return p if p.exists() else None
 
     def _generate_point_robot(self) -> Path:
-        """Generate the default PointRobot dataset once (data seed 0), atomically (temp file, then rename)."""
-        target = point_robot_dataset_path(self.cache_dir, self.num_transitions)
+        """Generate the PointRobot dataset once (data seed 0), atomically (temp file, then rename)."""
+        target = point_robot_dataset_path(self.cache_dir, self.num_transitions, behavior=self.behavior)
         if target.exists():
             return target
         from lightning_saferl.data.collect import collect
@@ -180,7 +195,7 @@ class OfflineDataModule(pl.LightningDataModule):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         try:
-            collect(self.task_spec.task_id, str(tmp), self.num_transitions, seed=0)
+            collect(self.task_spec.task_id, str(tmp), self.num_transitions, seed=0, behavior=self.behavior)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
@@ -190,7 +205,7 @@ class OfflineDataModule(pl.LightningDataModule):
         """The dataset file, generated or downloaded if needed."""
         if self._is_generated():
             return self._generate_point_robot()
-        return resolve_dataset(self.task_spec, self.path, download=self.download)
+        return resolve_dataset(self.task_spec, self.path, download=self.download, mirror=self.mirror)
 
     def prepare_data(self) -> None:
         """Generate / download the file (Lightning calls this on one process per node)."""

@@ -20,6 +20,8 @@ import h5py
 import numpy as np
 import torch
 
+from lightning_saferl.errors import InputError
+
 __all__ = [
     "OBSERVATIONS", "NEXT_OBSERVATIONS", "ACTIONS", "REWARDS", "COSTS", "TERMINALS", "TIMEOUTS",
     "CONSTRAINT_VALUES", "REQUIRED_KEYS", "OPTIONAL_KEYS", "ACTION_BOUND",
@@ -45,7 +47,7 @@ _MATRIX_KEYS = (OBSERVATIONS, NEXT_OBSERVATIONS, ACTIONS)  # 2-D: (N, dim)
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset file is missing, unreadable or malformed. The message starts with the file path."""
 
 

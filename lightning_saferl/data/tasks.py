@@ -10,6 +10,11 @@ MAX_/MIN_EPISODE_REWARD, MAX_/MIN_EPISODE_COST); the task ids follow its registr
 cache naming). Observation/action sizes of DSRL tasks are not recorded here (None): the data module reads
 them from the HDF5 file.
 
+Dataset hashes (``TaskSpec.sha256``): DSRL publishes none and the files could not be fetched when this table was
+written, so every entry is None and the download module verifies on first download instead (it records the
+sha256 of the first good download in ``<file>.sha256`` and checks later reads and downloads against it). A
+hash set here takes precedence over the recorded one.
+
 Scores (DSRL convention):
     normalized return  = (R - R_min) / (R_max - R_min)
     normalized cost    = (C + e) / (limit + e),   e = 1 if limit == 0 else 0
@@ -21,11 +26,21 @@ import difflib
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["TaskSpec", "TASKS", "get_task", "task_ids", "dsrl_task_ids", "DSRL_URL_BASE", "DSRL_COST_LIMIT"]
+from lightning_saferl.errors import UnknownNameError
+
+__all__ = ["TaskSpec", "TASKS", "get_task", "task_ids", "dsrl_task_ids", "DSRL_URL_BASE", "DSRL_COST_LIMIT",
+           "DEFAULT_COST_LIMITS"]
 
 DSRL_URL_BASE = "http://data.offline-saferl.org/download/"
 #: default cost limit of the DSRL recipes (FISOR / DRCORL evaluate DSRL tasks at limit 10)
 DSRL_COST_LIMIT = 10.0
+#: the cost limits each task family is scored at (``TaskSpec.cost_limits``; a sweep's default grid). DSRL families
+#: follow OSRL's evaluation targets (liuzuxin/OSRL examples/configs/*_configs.py, e.g. the cost part of CDT's
+#: ``target_returns``): Bullet-Safety-Gym and MetaDrive {10, 20, 40}, Safety-Gymnasium {20, 40, 80}. PointRobot
+#: (episode cost = steps inside the hazard, 300-step episodes; no published protocol): 0 is the hard constraint the
+#: task is built for (FISOR's setting, BC-Safe's filter), 5 the DRCORL recipe's budget, 10 DSRL's default limit.
+DEFAULT_COST_LIMITS = {"bullet": (10.0, 20.0, 40.0), "metadrive": (10.0, 20.0, 40.0),
+                       "safety_gymnasium": (20.0, 40.0, 80.0), "point_robot": (0.0, 5.0, 10.0)}
 
 
 @dataclass(frozen=True)
@@ -44,10 +59,16 @@ class TaskSpec:
     url: Optional[str] = None
     obs_dim: Optional[int] = None
     act_dim: Optional[int] = None
+    sha256: Optional[str] = None  # hex digest of the published dataset file, where known
 
     @property
     def has_reference_scores(self) -> bool:
         return self.reward_min is not None and self.reward_max is not None
+
+    @property
+    def cost_limits(self) -> tuple[float, ...]:
+        """The limits the task's family is scored at (`DEFAULT_COST_LIMITS`), else ``(cost_limit,)``."""
+        return DEFAULT_COST_LIMITS.get(self.simulator, (self.cost_limit,))
 
     @property
     def is_dsrl(self) -> bool:
@@ -206,4 +227,4 @@ def get_task(task_id: str) -> TaskSpec:
     lowered = {t.lower(): t for t in TASKS}
     close = [lowered[t] for t in difflib.get_close_matches(str(task_id).lower(), lowered, n=5, cutoff=0.5)]
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known tasks: {', '.join(TASKS)}"
-    raise KeyError(f"unknown task id {task_id!r}{hint}")
+    raise UnknownNameError(f"unknown task id {task_id!r}{hint}")

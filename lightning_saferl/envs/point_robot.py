@@ -95,6 +95,13 @@ def observe(states: torch.Tensor) -> torch.Tensor:
     return torch.cat((states[:, :3], torch.cos(theta)[:, None], torch.sin(theta)[:, None], per_hazard), dim=-1)
 
 
+def state_from_observation(obs: torch.Tensor) -> torch.Tensor:
+    """(B, 4) states (x, y, v, theta) of (B, 11) observations: the inverse of `observe`."""
+    if obs.ndim != 2 or obs.shape[-1] != OBS_DIM:
+        raise ValueError(f"PointRobot observations must have shape (B, {OBS_DIM}), got {tuple(obs.shape)}")
+    return torch.cat((obs[:, :3], torch.atan2(obs[:, 4], obs[:, 3])[:, None]), dim=-1)
+
+
 def constraint_value(states: torch.Tensor) -> torch.Tensor:
     """(B,) ``HAZARD_RADIUS - distance to the nearest hazard centre`` (> 0 inside a hazard)."""
     return HAZARD_RADIUS - hazard_offsets(states).norm(dim=-1).min(dim=-1).values
