@@ -1,7 +1,7 @@
 """FISOR on PointRobot over training seeds and two datasets, against BC-All and BC-Safe on the same data.
 
     python benchmarks/fisor_point_robot.py [--seeds 0 1 2] [--datasets mixed scarce] [--start_seed 0]
-                                           [--run_dir benchmarks/out/fisor_point_robot] [--quick]
+                                           [--run_dir benchmarks/out/fisor_point_robot] [--jobs 1] [--quick]
 
 Datasets (generated, data seed 0): ``mixed`` (the default data) and ``scarce`` (safe expert episodes <= 10 %;
 figures with the suffix ``_scarce``). For every dataset and seed S: the recipe configs/fisor/point_robot.yaml
@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import lightning as L
@@ -80,7 +82,8 @@ def train_bc(cls, steps: int, seed_dir: Path, seed: int, behavior: str):
     return model
 
 
-def run_seed(seed: int, behavior: str, data: dict, starts: list[dict], args, run_dir: Path) -> dict:
+def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
+    """Pipeline, BC baselines and every figure of one (seed, dataset); `data` from `prepare_dataset`."""
     started = time.time()
     seed_dir = run_dir / behavior / f"seed{seed}"
     pipeline_args = ["--config", args.recipe, "--run_dir", str(seed_dir / "fisor"), "--seed_everything", str(seed),
@@ -108,8 +111,8 @@ def run_seed(seed: int, behavior: str, data: dict, starts: list[dict], args, run
                              seed=args.start_seed).run_episodes(actor)
     episodes = {}
     for name, policy in (("fisor", actor), ("bc_all", bc_all), ("bc_safe", bc_safe)):
-        runner = EpisodeRunner(pr.ENV_ID, episodes=len(starts), num_envs=100, seed=args.start_seed,
-                               reset_options=starts)
+        runner = EpisodeRunner(pr.ENV_ID, episodes=len(data["starts"]), num_envs=100, seed=args.start_seed,
+                               reset_options=data["starts"])
         episodes[name] = runner.run_episodes(policy)
     violation_rate = {name: float((e["violations"] > 0).mean()) for name, e in episodes.items()}
     return {
@@ -132,8 +135,8 @@ def run_seed(seed: int, behavior: str, data: dict, starts: list[dict], args, run
     }
 
 
-def run_dataset(behavior: str, args, run_dir: Path) -> dict:
-    """Every seed on one dataset; returns the JSON figures of that dataset (keys without suffix)."""
+def prepare_dataset(behavior: str, args) -> dict:
+    """The dataset's figures and oracle labels, the held-out starts (checked), and the trivial rule's scores."""
     datamodule = OfflineDataModule(task=pr.ENV_ID, behavior=behavior)
     datamodule.prepare_data()
     data = dataset_figures(datamodule)
@@ -141,38 +144,43 @@ def run_dataset(behavior: str, args, run_dir: Path) -> dict:
     overlap = dataset_rows_among(start_states, data["observations"])
     if overlap:
         raise RuntimeError(f"{overlap} held-out evaluation starts are rows of the {behavior} dataset")
-    starts = [{"state": s.tolist()} for s in start_states]
+    data["starts"] = [{"state": s.tolist()} for s in start_states]
     with torch.no_grad():
-        trivial_grid = region_scores(lambda obs: -obs[:, 5::3].min(dim=-1).values + pr.HAZARD_RADIUS,
-                                     DEFAULT_SLICES, GRID)  # h(s) = radius - nearest hazard distance
-    trivial_data = feasibility_scores(~data["hazard"], data["oracle"], data["hazard"])
+        data["trivial_grid"] = region_scores(lambda obs: -obs[:, 5::3].min(dim=-1).values + pr.HAZARD_RADIUS,
+                                             DEFAULT_SLICES, GRID)  # h(s) = radius - nearest hazard distance
+    data["trivial_data"] = feasibility_scores(~data["hazard"], data["oracle"], data["hazard"])
     print_table(data["stats"], f"PointRobot dataset '{behavior}' (100k transitions, data seed 0)")
+    return data
 
-    per_seed = {}
-    for seed in args.seeds:
-        per_seed[seed] = run_seed(seed, behavior, data, starts, args, run_dir)
-        print_table(per_seed[seed], f"FISOR on PointRobot, dataset '{behavior}', seed {seed}")
+
+def _run_unit(unit: tuple) -> dict:
+    """One (seed, dataset) in a worker process (one thread: the workers share the cores)."""
+    torch.set_num_threads(1)
+    return run_seed(*unit)
+
+
+def summarize_dataset(behavior: str, data: dict, per_seed: dict, seeds: list[int]) -> dict:
+    """Every seed's figures, their mean and std (printed); returns the JSON figures (keys without suffix)."""
     summary = {}
     for key in SUMMARY_KEYS:
-        values = [per_seed[s][key] for s in args.seeds]
+        values = [per_seed[s][key] for s in seeds]
         summary[f"{key}_mean"] = statistics.fmean(values)
         summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    table = {k: [round(per_seed[s][k], 4) for s in args.seeds] for k in SUMMARY_KEYS}
-    table.update({k: f"{summary[k + '_mean']:.4g} +- {summary[k + '_std']:.2g}" for k in SUMMARY_KEYS})
-    print_table({**{f"{k} (seeds {args.seeds})": v for k, v in table.items() if isinstance(v, list)},
-                 **{f"{k} (mean +- std)": v for k, v in table.items() if isinstance(v, str)}},
+    print_table({**{f"{k} (seeds {seeds})": [round(per_seed[s][k], 4) for s in seeds] for k in SUMMARY_KEYS},
+                 **{f"{k} (mean +- std)": f"{summary[k + '_mean']:.4g} +- {summary[k + '_std']:.2g}"
+                    for k in SUMMARY_KEYS}},
                 f"FISOR on PointRobot, dataset '{behavior}': per seed and over seeds")
     return {
         **summary,
-        "standard_start_violations_max": max(per_seed[s]["standard_start_violations"] for s in args.seeds),
-        "feasible_start_episodes": len(starts),
-        "trivial_shadow_recall": trivial_grid["shadow_recall"],
-        "trivial_false_infeasible_rate": trivial_grid["false_infeasible_rate"],
-        "trivial_feasible_region_iou": trivial_grid["iou"],
-        "trivial_dataset_shadow_recall": trivial_data["shadow_recall"],
+        "standard_start_violations_max": max(per_seed[s]["standard_start_violations"] for s in seeds),
+        "feasible_start_episodes": len(data["starts"]),
+        "trivial_shadow_recall": data["trivial_grid"]["shadow_recall"],
+        "trivial_false_infeasible_rate": data["trivial_grid"]["false_infeasible_rate"],
+        "trivial_feasible_region_iou": data["trivial_grid"]["iou"],
+        "trivial_dataset_shadow_recall": data["trivial_data"]["shadow_recall"],
         "dataset_stats": data["stats"],
         "per_seed": per_seed,
-        "minutes_per_seed": statistics.fmean(per_seed[s]["minutes"] for s in args.seeds),
+        "minutes_per_seed": statistics.fmean(per_seed[s]["minutes"] for s in seeds),
     }
 
 
@@ -188,13 +196,30 @@ def main() -> None:
     parser.add_argument("--bc_steps", type=int, default=5000)
     parser.add_argument("--standard_episodes", type=int, default=20)
     parser.add_argument("--feasible_episodes", type=int, default=500)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="(seed, dataset) runs in parallel worker processes of one thread each")
     args = parser.parse_args()
     if args.quick:
         args.standard_episodes, args.feasible_episodes, args.bc_steps = 2, 4, 5
+    run_dir = Path(args.run_dir)
+    data = {behavior: prepare_dataset(behavior, args) for behavior in args.datasets}
+    units = [(seed, behavior, data[behavior], args, run_dir)
+             for behavior in args.datasets for seed in args.seeds]
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            figures = list(pool.map(_run_unit, units))
+    else:
+        figures = [run_seed(*unit) for unit in units]
     results = {"seeds": args.seeds, "start_seed": args.start_seed}
     for behavior in args.datasets:
+        per_seed = {}
+        for unit, seed_figures in zip(units, figures):
+            if unit[1] == behavior:
+                per_seed[unit[0]] = seed_figures
+                print_table(seed_figures, f"FISOR on PointRobot, dataset '{behavior}', seed {unit[0]}")
         suffix = "" if behavior == "mixed" else f"_{behavior}"
-        results.update({f"{k}{suffix}": v for k, v in run_dataset(behavior, args, Path(args.run_dir)).items()})
+        summary = summarize_dataset(behavior, data[behavior], per_seed, args.seeds)
+        results.update({f"{k}{suffix}": v for k, v in summary.items()})
     print(json.dumps(results))
 
 
