@@ -15,8 +15,8 @@ too (`lightning_saferl.runs`). Checkpoints are read with `weights_only=True`. Re
 `lightning-saferl fit --config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt`.
 With `--ckpt_path` and neither `--model` nor `--config`, the model class is read from the checkpoint.
 
-Bad input (dataset, config or option, missing or wrong checkpoint, unknown task) and a non-finite loss print one
-line and exit 2 (a run stopped by SIGTERM exits 143); pass --debug (or set LIGHTNING_SAFERL_DEBUG=1) for the
+Bad input (dataset, config or option, missing or wrong checkpoint, unknown task: `errors.InputError`, and a
+ValueError of a class built from the config) and a non-finite loss print one line and exit 2 (a run stopped by SIGTERM exits 143); pass --debug (or set LIGHTNING_SAFERL_DEBUG=1) for the
 traceback. Any other error is a bug or an environment problem and shows its traceback.
 """
 from __future__ import annotations
@@ -51,12 +51,14 @@ def _raised_by(err: BaseException, package: str) -> bool:
 
 
 def _expected_cause(err: BaseException, expected: tuple[type[BaseException], ...]) -> Optional[BaseException]:
-    """The innermost expected error among `err` and the errors it re-raises in jsonargparse's words (jsonargparse
-    wraps the errors of the classes it builds); None if there is none: a bug."""
+    """The innermost expected error among `err` and the errors it re-raises in jsonargparse's words; None if there
+    is none: a bug. jsonargparse wraps the errors of the classes it builds from the user's config: a ValueError
+    from such a constructor is the class rejecting its configured arguments, so it counts as input too."""
     found = err if isinstance(err, expected) else None
     while err.__cause__ is not None and _raised_by(err, "jsonargparse"):
         err = err.__cause__
-        found = err if isinstance(err, expected) else found
+        if isinstance(err, expected) or (isinstance(err, ValueError) and not _raised_by(err, "jsonargparse")):
+            found = err
     return found
 
 

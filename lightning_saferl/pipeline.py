@@ -253,16 +253,20 @@ def _check_stage(name: str, config: dict, earlier: list[str], overrides: list[st
     return cls, parsed
 
 
-def _instantiate(parsed: Namespace, cls: type, trained: dict[str, SafeRLModule]):
+def _instantiate(name: str, parsed: Namespace, cls: type, trained: dict[str, SafeRLModule]):
     """(model, Trainer arguments, datamodule) of a checked stage config; inputs are trained modules of earlier
-    stages."""
+    stages. A ValueError of the model's constructor (it rejects its configured arguments) is an InputError."""
     model_cfg = parsed.model
     kwargs = model_cfg.init_args.as_dict() if isinstance(model_cfg.init_args, Namespace) else dict(model_cfg.init_args)
     kwargs.update({arg: trained[source] for arg, source in parsed.inputs.items()})
     parsed = parsed.clone()
     parsed.model = None
     init = _stage_parser().instantiate_classes(parsed)
-    return cls(**kwargs), {key: init.trainer[key] for key in init.trainer.keys()}, init.data
+    try:
+        model = cls(**kwargs)
+    except ValueError as err:
+        raise InputError(f"stage '{name}': {_one_line(err)}") from err
+    return model, {key: init.trainer[key] for key in init.trainer.keys()}, init.data
 
 
 def _dataset_key(data: dict) -> tuple:
@@ -383,7 +387,7 @@ def run_pipeline(cfg: Namespace, command: Optional[list[str]] = None) -> dict[st
             continue
         last = None if name in plan.restart else latest_checkpoint(stage_dir)
         L.seed_everything(cfg.seed_everything, workers=True)
-        model, trainer_kwargs, datamodule = _instantiate(plan.parsed[name], plan.classes[name], trained)
+        model, trainer_kwargs, datamodule = _instantiate(name, plan.parsed[name], plan.classes[name], trained)
         kwargs, log_dir = trainer_arguments({**trainer_kwargs, "default_root_dir": str(stage_dir)},
                                             LastCheckpoint(every_n_train_steps=cfg.checkpoint_every_n_steps),
                                             record=plan.records[name])

@@ -416,6 +416,12 @@ def test_a_bug_keeps_its_traceback(tmp_path, good_file, monkeypatch):
         main(["pipeline", "--config", str(recipe), "--run_dir", str(tmp_path / "run")])
 
 
+def test_a_constructor_rejecting_its_configured_arguments_is_one_line(tmp_path, capsys, good_file):
+    err = expect_error(capsys, ["fit", "--model", "lightning_saferl.actors.DrcorlPolicy", "--model.cost_slack", "-1",
+                                "--data.path", good_file, "--trainer.default_root_dir", str(tmp_path)])
+    assert "DrcorlPolicy: need cost_slack >= 0" in err
+
+
 def test_help_does_not_import_lightning():
     code = ("import sys; from lightning_saferl.cli import main; main(['--help']); "
             "print('LOADED' if 'lightning' in sys.modules else 'NOT LOADED')")
