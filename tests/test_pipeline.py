@@ -16,7 +16,7 @@ import yaml
 
 from lightning_saferl.cli import main
 import lightning_saferl.envs
-from lightning_saferl.pipeline import parse_args, stage_conflicts
+from lightning_saferl.pipeline import _stage_overrides, parse_args, stage_conflicts
 from lightning_saferl.runs import CONFIG_KEY, atomic_write_text
 from tiny_data import write_tiny
 
@@ -151,6 +151,12 @@ def test_recipe_interpolation_and_typed_shared_values(tmp_path, tiny):
     assert cfg.overrides == ["--trainer.max_steps", "10"]  # applied to each stage after its recipe values
     with pytest.raises(KeyError, match="--stages.critic.trainer.max_steps"):
         parse_args(["--config", write_yaml(tmp_path / "r.yaml", recipe), "--stages.critic.trainer.max_steps", "1"])
+    # a stage applies the shared values, then its own (whatever their order), and sets named inputs
+    args, inputs = _stage_overrides(["--stages.actor.trainer.max_steps=2", "--trainer.max_steps", "4",
+                                     "--stages.actor.inputs.reward_critic", "feasibility_critic",
+                                     "--stages.reward_critic.data.batch_size", "3"], "actor")
+    assert args == ["--trainer.max_steps", "4", "--trainer.max_steps=2"]
+    assert inputs == {"reward_critic": "feasibility_critic"}
 
 
 def test_rerun_with_another_config_is_refused_until_restarted(fisor_run, tmp_path, capsys):
