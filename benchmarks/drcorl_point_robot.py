@@ -150,7 +150,7 @@ def main() -> None:
         cfg = build_parser().parse_args(pipeline_args)
         summary = run_pipeline(cfg)
         policy = load_module(str(run_dir / f"seed{seed}" / "drcorl" / "policy" / "model.ckpt")).eval()
-        cost_limit = float(policy.hparams.cost_limit)
+        cost_limit = float(cfg.cost_limit)  # the recipe's budget (the policy aims below it)
         budget = 5 if args.quick else int(cfg.stages["policy"]["trainer"]["max_steps"])
         bc_safe = train_bc(BCSafe, budget, cost_limit, run_dir / f"seed{seed}" / "bc_safe.ckpt", seed).eval()
         bc = evaluate(bc_safe)
