@@ -103,6 +103,24 @@ def test_rerun_on_a_finished_run_dir_only_evaluates(fisor_run, capsys):
     assert "summary" in out and "violation_free_fraction" in out  # the table
 
 
+def test_a_stage_checkpoint_serves_validate_and_fit(fisor_run, tiny, tmp_path):
+    """The stage's checkpoints work with the LightningCLI commands: the model class and arguments come from the
+    file, its dims are checked against the data (Lightning's own --ckpt_path reading would pass obs_dim as an
+    option and fail)."""
+    run, _ = fisor_run
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    main(["validate", "--ckpt_path", str(run / "reward_critic" / "model.ckpt"), "--data.path", tiny,
+          "--trainer.default_root_dir", str(tmp_path / "validate"), *quiet])
+    assert any(row.startswith("val/") for row in
+               (tmp_path / "validate" / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+               .split(","))
+    last = version_dir(run, "reward_critic") / "checkpoints" / "last.ckpt"
+    main(["fit", "--ckpt_path", str(last), "--data.path", tiny, "--data.batch_size", "16", "--trainer.max_steps", "5",
+          "--trainer.default_root_dir", str(tmp_path / "fit"), *quiet])
+    resumed = tmp_path / "fit" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed, weights_only=True)["global_step"] == 5
+
+
 def test_smoke_and_overrides(tmp_path, tiny, monkeypatch):
     other = write_tiny(tmp_path / "other.hdf5", n=120, episode=40)
     recipe = write_yaml(tmp_path / "r.yaml", fisor_recipe(tiny, steps=50))
