@@ -40,8 +40,7 @@ def train(module, stream, steps: int):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if hasattr(module, "on_train_batch_end"):
-            module.on_train_batch_end(None, batch, step)
+        module.after_optimizer_step()
     return module.eval()
 
 
@@ -90,6 +89,20 @@ def test_bcq_lag_multiplier_grows_above_the_threshold_and_falls_to_zero_below():
     assert below[-1] == 0.0  # clamped at zero, not negative
     model.eval()  # held fixed outside training
     assert float(model.losses(next(stream))[1]["multiplier"]) == 0.0
+
+
+def test_multiplier_states_travel_in_the_checkpoint():
+    """A resumed run continues with the multipliers it had (PID integral and last error, CPQ's alpha)."""
+    bcq = BCQLag(11, 2, vae_hidden_dim=8, max_episode_steps=300, **TINY)
+    for error in (2.0, 3.0):
+        bcq.lagrangian.update(torch.tensor(error))
+    cpq = CPQ(11, 2, vae_hidden_dim=8, max_episode_steps=300, **TINY)
+    cpq.alpha.fill_(0.25)
+    resumed_bcq, resumed_cpq = BCQLag(**bcq.hparams), CPQ(**cpq.hparams)
+    resumed_bcq.load_state_dict(bcq.state_dict())
+    resumed_cpq.load_state_dict(cpq.state_dict())
+    assert (float(resumed_bcq.lagrangian.integral), float(resumed_bcq.lagrangian.previous_error)) == (5.0, 3.0)
+    assert float(resumed_cpq.alpha) == 0.25
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -184,7 +197,8 @@ def test_dsrl_recipes_follow_the_limit(tmp_path, tiny, method, monkeypatch):
     monkeypatch.setitem(lightning_saferl.envs.ENV_FACTORIES, "OfflineBallRun-v0",
                         lambda **kw: gymnasium.make("PointRobot-v0"))
     recipe = yaml.safe_load((CONFIGS / f"{method}_dsrl.yaml").read_text())
-    assert recipe["stages"]["policy"]["model"]["init_args"]["cost_limit"] == recipe["evaluation"]["cost_limit"] == 10
+    assert recipe["stages"]["policy"]["model"]["init_args"]["cost_limit"] == recipe["cost_limit"] == 10
+    assert recipe["cost_limit_fields"] == ["stages.policy.model.init_args.cost_limit"]  # one recipe, every limit
     summary = _smoke(f"{method}_dsrl.yaml", tmp_path / "run", "--data.task", "OfflineBallRun-v0", "--data.path", tiny)
     assert summary["task"] == "OfflineBallRun-v0" and summary["cost_limit"] == 10
     assert summary["normalized_cost"] == pytest.approx(summary["cost_mean"] / 10)
