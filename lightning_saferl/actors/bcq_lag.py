@@ -213,7 +213,7 @@ class BCQLag(CostLimitedModule):
             error = self.trainer.strategy.reduce(error, reduce_op="mean")
         return self.lagrangian.update(error)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def after_optimizer_step(self) -> None:
         tau = self.hparams.tau
         polyak_update(self.critic_target, self.critic, tau)
         polyak_update(self.cost_critic_target, self.cost_critic, tau)

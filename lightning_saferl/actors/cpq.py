@@ -115,7 +115,7 @@ class CPQ(CostLimitedModule):
             self.alpha.copy_((self.alpha + self.hparams.alpha_lr * gap).clamp(0.0, self.hparams.alpha_max))
         return self.alpha.clone()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def after_optimizer_step(self) -> None:
         polyak_update(self.critic_target, self.critic, self.hparams.tau)
         polyak_update(self.cost_critic_target, self.cost_critic, self.hparams.tau)
 
