@@ -5,7 +5,11 @@
       = clip(exp(t_feas (Q - V)), 0, w_feas_max)     where V_h(s) <= 0, Q_h <= 0  (feasible, safe action)
       = 0                                            otherwise.
 The critics are frozen, so w is computed once over the dataset before training. The EMA copy acts:
-N candidates per observation by ancestral sampling, keep the one with the lowest Q_h (or highest Q).
+N candidates per observation by ancestral sampling, keep the one with the lowest Q_h (or highest Q). With
+``select_tolerance`` d > 0 and ``select_clearance`` m >= 0 (select="min_qh"): the highest-Q candidate among
+    B = {c : Q_h(s, c) <= min_c' Q_h(s, c') + d  and  Q_h(s, c) <= -m},   the lowest-Q_h one where B is empty;
+d = 0 is the reference's rule. Far inside the feasible set Q_h is nearly flat over the candidates and the
+lowest Q_h is a draw biased to braking; there B holds them all and Q decides (see the recipe's comment).
 EMA after update k: ema <- (1 - tau_k) ema + tau_k net with tau_k = max(ema_tau, 9 / (10 + k)) (warm-up: the
 random initialisation is forgotten within the first updates, however short the run), or tau_k = ema_tau.
 """
@@ -57,10 +61,14 @@ class FisorActor(SafeRLModule):
                  lr: float = 3e-4, cosine_decay_steps: Optional[int] = None, ema_tau: float = 0.001,
                  ema_warmup: bool = True,
                  num_candidates: int = 16, select: Literal["min_qh", "max_q"] = "min_qh",
+                 select_tolerance: float = 0.0, select_clearance: float = 0.0,
                  infeasible_temperature: float = 5.0, infeasible_weight_max: float = 150.0,
                  feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0,
                  weight_batch_size: int = 65536, compile: bool = False):
         super().__init__()
+        if select_tolerance < 0 or select_clearance < 0:
+            raise ValueError(f"FisorActor: select_tolerance and select_clearance must be >= 0, got "
+                             f"{select_tolerance}, {select_clearance}")
         self.save_hyperparameters(ignore=["feasibility_critic", "reward_critic"])
         self.lr, self.cosine_decay_steps = lr, cosine_decay_steps
         self.net = NoiseResNet(obs_dim, act_dim, hidden_dim, num_blocks, dropout)
@@ -166,18 +174,28 @@ class FisorActor(SafeRLModule):
                 raise ValueError("select='min_qh' needs a feasibility critic")
             if self.hparams.select != "min_qh" and self.reward_critic is None:
                 raise ValueError("select='max_q' needs a reward critic")
+            if self.hparams.get("select_tolerance", 0.0) > 0 and self.reward_critic is None:
+                raise ValueError("select_tolerance > 0 needs a reward critic")
         return self._compiled("act", self._act, obs.device)(obs).clone()  # clone: CUDA-graph outputs are reused
 
     def _act(self, obs: torch.Tensor) -> torch.Tensor:
-        """N candidates per observation, keep the one with the lowest Q_h (select="min_qh") or highest Q."""
+        """N candidates per observation, keep the one with the lowest Q_h (select="min_qh"; with a tolerance, the
+        band rule of the module docstring) or highest Q."""
         n = self.hparams.num_candidates
         candidates = self.sample_candidates(obs, n)
         if n == 1:
             return candidates[:, 0]
         flat_obs, flat_act = repeat(obs, "b o -> (b n) o", n=n), rearrange(candidates, "b n a -> (b n) a")
         if self.hparams.select == "min_qh":
-            scores = -self.feasibility_critic.q_value(flat_obs, flat_act)
+            q_h = rearrange(self.feasibility_critic.q_value(flat_obs, flat_act), "(b n) -> b n", n=n)
+            scores = -q_h
+            tolerance = self.hparams.get("select_tolerance", 0.0)
+            if tolerance > 0:  # the band B of the module docstring: highest Q in it, lowest Q_h where it is empty
+                q = rearrange(self.reward_critic.q_value(flat_obs, flat_act), "(b n) -> b n", n=n)
+                band = (q_h <= q_h.min(dim=1, keepdim=True).values + tolerance) \
+                    & (q_h <= -self.hparams.get("select_clearance", 0.0))
+                scores = torch.where(band.any(dim=1, keepdim=True), q.masked_fill(~band, float("-inf")), scores)
         else:
-            scores = self.reward_critic.q_value(flat_obs, flat_act)
-        best = rearrange(scores, "(b n) -> b n", n=n).argmax(dim=1)
+            scores = rearrange(self.reward_critic.q_value(flat_obs, flat_act), "(b n) -> b n", n=n)
+        best = scores.argmax(dim=1)
         return candidates[torch.arange(obs.shape[0], device=obs.device), best]

@@ -1,0 +1,56 @@
+"""FISOR's candidate choice with a Q_h tolerance band, against hand-picked candidates and critic values."""
+import pytest
+import torch
+
+from lightning_saferl.actors.fisor import FisorActor
+
+
+class _Column(torch.nn.Module):
+    """A critic stub whose Q(s, a) is one coordinate of the action."""
+
+    def __init__(self, column: int):
+        super().__init__()
+        self.column = column
+
+    def q_value(self, obs, act):
+        return act[:, self.column]
+
+
+# each candidate action is (Q_h, Q): the stubs read them back
+CANDIDATES = torch.tensor([
+    [[-1.00, 0.1], [-1.01, 0.2], [-0.99, 0.5]],   # far inside: Q_h flat within 0.02 -> highest Q (not lowest Q_h)
+    [[-0.30, 0.9], [-0.20, 0.8], [-0.35, 0.1]],   # near the boundary: safest Q_h -0.35 > -0.5 -> lowest Q_h
+    [[-1.00, 0.1], [-0.90, 0.9], [-0.98, 0.2]],   # Q_h varies: only the two within 0.05 of -1.00 compete
+])
+
+
+def _actor(monkeypatch, **kwargs) -> FisorActor:
+    actor = FisorActor(obs_dim=3, act_dim=2, hidden_dim=16, num_blocks=1, num_candidates=3, **kwargs)
+    monkeypatch.setattr(actor, "sample_candidates", lambda obs, n: CANDIDATES)
+    actor.feasibility_critic, actor.reward_critic = _Column(0), _Column(1)
+    return actor
+
+
+def test_band_takes_highest_q_among_near_safest_and_falls_back_to_lowest_qh(monkeypatch):
+    chosen = _actor(monkeypatch, select_tolerance=0.05, select_clearance=0.5).act(torch.zeros(3, 3))
+    assert torch.equal(chosen, CANDIDATES[torch.arange(3), torch.tensor([2, 2, 2])])
+
+
+def test_zero_tolerance_is_the_reference_lowest_qh(monkeypatch):
+    chosen = _actor(monkeypatch, select_clearance=0.5).act(torch.zeros(3, 3))
+    assert torch.equal(chosen, CANDIDATES[torch.arange(3), torch.tensor([1, 2, 0])])
+
+
+def test_clearance_alone_bounds_the_band(monkeypatch):
+    # a huge tolerance leaves only the clearance: row 2's candidates all have Q_h <= -0.5 -> highest Q overall
+    chosen = _actor(monkeypatch, select_tolerance=10.0, select_clearance=0.5).act(torch.zeros(3, 3))
+    assert torch.equal(chosen, CANDIDATES[torch.arange(3), torch.tensor([2, 2, 1])])
+
+
+def test_band_needs_a_reward_critic_and_nonnegative_values(monkeypatch):
+    actor = _actor(monkeypatch, select_tolerance=0.05)
+    actor.reward_critic = None
+    with pytest.raises(ValueError, match="select_tolerance > 0 needs a reward critic"):
+        actor.act(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="select_tolerance and select_clearance must be >= 0"):
+        FisorActor(obs_dim=3, act_dim=2, select_clearance=-0.1)
