@@ -1,7 +1,7 @@
-"""The transition baselines (BCQ-Lag, CPQ, COptiDICE) on PointRobot at a tight and a loose cost limit, over seeds.
+"""The baselines (BCQ-Lag, CPQ, COptiDICE, CDT) on PointRobot at a tight and a loose cost limit, over seeds.
 
     python benchmarks/baselines_point_robot.py [--seeds 0 1 2] [--limits 2 10] [--steps N] [--quick]
-                                               [--methods bcq_lag cpq coptidice] [--run_dir DIR]
+                                               [--methods bcq_lag cpq coptidice cdt] [--run_dir DIR]
 
 For each method, limit and seed: the recipe configs/baselines/<method>_point_robot.yaml with cost_limit (training
 and evaluation) set to the limit, seed_everything = seed and, when given, `--steps` policy steps, run by the
@@ -9,8 +9,10 @@ pipeline and evaluated on held-out episodes (random starts, episode i seeded `--
 2000..2099; the data were collected with generator seed 0). Prints per method and limit the mean episode cost and
 return over seeds with their sample std and the worst seed's cost; the last line of stdout is one JSON object:
 method -> {limit_tight, limit_loose, cost_tight, cost_loose, return_tight, return_loose, cost_std_tight,
-cost_std_loose, cost_max_seed_tight, cost_max_seed_loose, seeds}, plus minutes. CDT (sequence mode) is not
-implemented yet, so the issue's cdt_* entries are absent. Re-running on the same run_dir reuses finished runs.
+cost_std_loose, cost_max_seed_tight, cost_max_seed_loose, seeds}, plus minutes. CDT's training does not depend on
+the limit: it is trained once per seed (recipe at the tight limit) and evaluated at target costs tight, their mean
+and loose (its tight / loose rows); ``cdt_target_costs`` and ``cdt_realised_costs`` (mean episode cost over seeds)
+list the three. Re-running on the same run_dir reuses finished runs.
 """
 from __future__ import annotations
 
@@ -23,17 +25,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from lightning_saferl.pipeline import build_parser, print_table, run_pipeline
+from lightning_saferl.data.tasks import get_task
+from lightning_saferl.pipeline import build_parser, evaluate, print_table, run_pipeline
+from lightning_saferl.policy import load_policy
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "baselines"
-METHODS = ("bcq_lag", "cpq", "coptidice")
+METHODS = ("bcq_lag", "cpq", "coptidice", "cdt")
 
 
 def recipe(method: str, limit: float, steps: int | None) -> dict:
     """The method's PointRobot recipe with its cost limit (training and evaluation) and optionally its step count."""
     config = yaml.safe_load((RECIPES / f"{method}_point_robot.yaml").read_text())
     policy = config["stages"]["policy"]
-    policy["model"]["init_args"]["cost_limit"] = float(limit)
+    config["cost_limit"] = float(limit)  # the recipe's cost_limit_fields follow it (CDT: its target cost)
     config["evaluation"]["cost_limit"] = float(limit)
     if steps is not None:
         policy["trainer"]["max_steps"] = steps
@@ -45,14 +49,34 @@ def run(method: str, limit: float, seed: int, args) -> dict:
     summary_path = out / "run" / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
+    return run_pipeline(parsed(method, limit, seed, args, out))
+
+
+def parsed(method: str, limit: float, seed: int, args, out: Path):
+    """The pipeline's config of one run in `out` (its recipe written there)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe(method, limit, args.steps), sort_keys=False))
-    cfg = build_parser().parse_args(
+    return build_parser().parse_args(
         ["--config", str(path), "--run_dir", str(out / "run"), "--seed_everything", str(seed),
          "--evaluation.seed", str(args.eval_seed), "--evaluation.episodes", str(args.episodes),
          "--trainer", json.dumps({"enable_progress_bar": False})] + (["--smoke"] if args.quick else []))
-    return run_pipeline(cfg)
+
+
+def cdt_summaries(seed: int, targets: list[float], args) -> list[dict]:
+    """CDT trained once (recipe at targets[0]), evaluated at every target cost by the pipeline's evaluation."""
+    run("cdt", targets[0], seed, args)
+    checkpoint = Path(args.run_dir) / "cdt" / f"limit{targets[0]:g}" / f"seed{seed}" / "run" / "policy" / "model.ckpt"
+    summaries = []
+    for target in targets:
+        path = Path(args.run_dir) / "cdt" / f"target{target:g}" / f"seed{seed}" / "summary.json"
+        if not path.exists():
+            cfg = parsed("cdt", target, seed, args, path.parent)
+            policy = load_policy(str(checkpoint))
+            policy.target_cost = target
+            path.write_text(json.dumps(evaluate(policy, get_task(cfg.data.task), cfg)))
+        summaries.append(json.loads(path.read_text()))
+    return summaries
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -78,8 +102,16 @@ def main() -> None:
     results: dict = {}
     for method in args.methods:
         row: dict = {"limit_tight": tight, "limit_loose": loose, "seeds": args.seeds}
-        for name, limit in (("tight", tight), ("loose", loose)):
-            summaries = [run(method, limit, seed, args) for seed in args.seeds]
+        if method == "cdt":
+            targets = [tight, (tight + loose) / 2, loose]
+            per_target = list(zip(*[cdt_summaries(seed, targets, args) for seed in args.seeds]))
+            results["cdt_target_costs"] = targets
+            results["cdt_realised_costs"] = [statistics.mean(s["cost_mean"] for s in seeds) for seeds in per_target]
+            by_limit = {"tight": per_target[0], "loose": per_target[-1]}
+        else:
+            by_limit = {name: [run(method, limit, seed, args) for seed in args.seeds]
+                        for name, limit in (("tight", tight), ("loose", loose))}
+        for name, summaries in by_limit.items():
             costs = [s["cost_mean"] for s in summaries]
             (row[f"cost_{name}"], row[f"cost_std_{name}"]) = mean_std(costs)
             (row[f"return_{name}"], row[f"return_std_{name}"]) = mean_std([s["return_mean"] for s in summaries])
