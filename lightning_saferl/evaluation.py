@@ -11,6 +11,10 @@ Metrics over episodes (std is the population std, ddof = 0):
     normalized_return                    mean of (R - R_min) / (R_max - R_min)        [tasks with DSRL references]
     normalized_cost                      mean of (C + e) / (limit + e), e = 1 iff limit == 0   [same]
 
+A policy with a per-episode context (e.g. CDT's history and return/cost targets) also defines
+``reset(slots)`` (new episodes start in these env slots), ``act(obs, slots)`` (``slots[i]`` is the slot of row i) and
+``observe(slots, rewards, costs)`` (what each slot's env returned for that action); the runner then calls these.
+
 The field's protocol scores a policy at several cost limits (`limit_scores`): per limit L,
     normalized_cost@L = mean of (C + e) / (L + e) = (cost_mean + e) / (L + e)   (the score is linear in C)
     safe@L            = normalized_cost@L <= 1
@@ -229,6 +233,7 @@ class EpisodeRunner:
         slot_obs: list[Any] = [None] * len(envs)
         acc = np.zeros((len(envs), 5))  # return, cost, length, violations, success
         next_pos = 0
+        contextual = callable(getattr(policy, "observe", None))  # module docstring
 
         def start(slot: int) -> None:
             nonlocal next_pos
@@ -239,6 +244,8 @@ class EpisodeRunner:
             slot_pos[slot], slot_obs[slot] = next_pos, obs
             acc[slot] = 0.0
             next_pos += 1
+            if contextual:
+                policy.reset([slot])
 
         for slot in range(len(envs)):
             start(slot)
@@ -250,12 +257,14 @@ class EpisodeRunner:
                     break
                 obs = torch.from_numpy(np.stack([np.asarray(slot_obs[s], dtype=np.float32) for s in live]))
                 with torch.no_grad():
-                    actions = policy.act(obs.to(device))
+                    actions = policy.act(obs.to(device), live) if contextual else policy.act(obs.to(device))
                 actions = actions.detach().float().cpu().numpy()
                 if actions.ndim != 2 or actions.shape[0] != len(live):
                     raise ValueError(f"EpisodeRunner: policy.act returned shape {tuple(actions.shape)} for a batch "
                                      f"of {len(live)} observations of shape {tuple(obs.shape[1:])}; expected "
                                      f"({len(live)}, act_dim)")
+                received = np.zeros((2, len(live)), dtype=np.float32)  # reward, cost per row
+                finished = []
                 for row, s in enumerate(live):
                     env = envs[s]
                     action = actions[row]
@@ -267,6 +276,7 @@ class EpisodeRunner:
                                        f"(info keys: {sorted(info)}); evaluation needs envs that report "
                                        "info['cost'] at every step")
                     cost = float(info["cost"])
+                    received[:, row] = (float(reward), cost)
                     acc[s, :4] += (float(reward), cost, 1.0, float(cost > 0))
                     acc[s, 4] = float(bool(info.get("is_success", False)))
                     ended = terminated or truncated or (
@@ -279,8 +289,13 @@ class EpisodeRunner:
                         result["success"][pos] = acc[s, 4]
                         bar.update(1)
                         slot_pos[s] = None
-                        if next_pos < len(indices):
-                            start(s)
+                        finished.append(s)
+                if contextual:
+                    policy.observe(live, torch.from_numpy(received[0]).to(device),
+                                   torch.from_numpy(received[1]).to(device))
+                for s in finished:
+                    if next_pos < len(indices):
+                        start(s)
         finally:
             bar.close()
         order = np.argsort(result["index"], kind="stable")

@@ -10,3 +10,6 @@ from lightning_saferl.actors.coptidice import COptiDICE
 from lightning_saferl.actors.cpq import CPQ
 
 __all__ += ["BCQLag", "COptiDICE", "CPQ"]
+from lightning_saferl.actors.cdt import CDT
+
+__all__ += ["CDT"]

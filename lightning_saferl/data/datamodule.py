@@ -4,6 +4,12 @@ Each training batch is ``batch_size`` row indices drawn uniformly from [0, N) wi
 device holding the data, then gathered from tensors placed there once (no workers, no per-sample Python).
 An epoch is exactly ``steps_per_epoch`` batches.
 
+Sequence mode (``sequence_length=K``, for Decision-Transformer-like models): a drawn row e is the LAST step of a
+window of the K rows e-K+1..e cut at e's episode start; a window of an episode's first k < K steps is left-padded
+(DT's convention). Each key then has shape (B, K, ...): the transition columns, ``returns_to_go`` / ``costs_to_go``
+(undiscounted sums of rewards / costs from the step to its episode's end), ``timesteps`` (step within the episode)
+and ``padding_mask`` (True at real steps); padded steps hold zeros. All by index arithmetic on the device.
+
 Random stream: batch ``k`` drawn by rank ``r`` uses a generator seeded with ``mix(seed + r, k)`` (a 64-bit
 hash), so the stream is a pure function of (seed, rank, k). Ranks differ, runs with the same seed repeat,
 and the only state a checkpoint needs is ``k`` (the number of batches drawn so far), which is the same on
@@ -105,6 +111,8 @@ class OfflineDataModule(pl.LightningDataModule):
         mirror: where DSRL datasets are downloaded from: ``dsrl`` (DSRL's server), ``huggingface`` (the Hugging
             Face dataset repo mirroring DSRL's files), ``hf:<owner>/<repo>`` or a base URL (see
             `lightning_saferl.data.download.mirror_base`).
+        sequence_length: K; when set, batches are windows of K steps within an episode (module docstring).
+            DSRL's cost-return data augmentation (OSRL's CDT) is not implemented.
 
     ``obs_dim``/``act_dim`` are known right after construction for PointRobot (from the task registry) and, for
     DSRL tasks, when the file is already present (shapes are read from the HDF5 file, no data); otherwise
@@ -124,11 +132,14 @@ class OfflineDataModule(pl.LightningDataModule):
         download: bool = True,
         behavior: str = "mixed",
         mirror: str = "dsrl",
+        sequence_length: Optional[int] = None,
     ):
         super().__init__()
         if batch_size < 1 or steps_per_epoch < 1 or num_transitions < 1:
             raise InputError(f"batch_size, steps_per_epoch and num_transitions must be >= 1, got {batch_size}, "
                              f"{steps_per_epoch}, {num_transitions}")
+        if sequence_length is not None and sequence_length < 1:
+            raise InputError(f"data.sequence_length must be >= 1 (or null for transitions), got {sequence_length}")
         self.save_hyperparameters()
         self.task_spec: TaskSpec = get_task(task)
         self.path = path
@@ -149,6 +160,8 @@ class OfflineDataModule(pl.LightningDataModule):
         self.reward_scale = self.task_spec.reward_scale_factor if scale_reward else 1.0
         self._data: Optional[Transitions] = None
         self._masks: Optional[torch.Tensor] = None
+        self.sequence_length = None if sequence_length is None else int(sequence_length)
+        self._episode_columns: Optional[dict[str, torch.Tensor]] = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self.batches_drawn = 0
         self.obs_dim, self.act_dim = self.task_spec.obs_dim, self.task_spec.act_dim
@@ -274,10 +287,57 @@ class OfflineDataModule(pl.LightningDataModule):
         return cols
 
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Rows ``index`` (LongTensor on the data's device) as a batch dict; ``index`` is included."""
+        """Rows ``index`` (LongTensor on the data's device) as a batch dict; ``index`` is included. In sequence
+        mode the windows ending at rows ``index`` (module docstring); ``index`` is then (B, K), padded steps
+        pointing at the episode's first row."""
+        if self.sequence_length is not None:
+            return self.windows(index)
         # index_select: much faster than advanced indexing (v[index]) for 2-D CPU tensors
         out = {k: v.index_select(0, index) for k, v in self._columns().items()}
         out["index"] = index
+        return out
+
+    def _episode_facts(self) -> dict[str, torch.Tensor]:
+        """Per row, on the data's device (computed once per device): its episode's first row, the returns-to-go and
+        costs-to-go  G_i = sum_{j=i..end(i)} x_j = S_i - S_{end(i)+1}  with the suffix sums S (float64)."""
+        data = self.load()
+        facts = self._episode_columns
+        if facts is None or facts["start"].device != data.device:
+            episode = data.episode_index()
+            n = len(episode)
+            rows = torch.arange(n, device=data.device)
+            first = torch.ones(n, dtype=torch.bool, device=data.device)
+            first[1:] = episode[1:] != episode[:-1]
+            start = torch.cummax(torch.where(first, rows, 0), 0).values
+            last = torch.ones_like(first)
+            last[:-1] = first[1:]
+            end = torch.where(last, rows, n).flip(0).cummin(0).values.flip(0)  # last row of the row's episode
+            facts = {"start": start}
+            for name, values in (("returns_to_go", data.rewards), ("costs_to_go", data.costs)):
+                suffix = torch.zeros(n + 1, dtype=torch.float64, device=data.device)
+                suffix[:n] = values.double().flip(0).cumsum(0).flip(0)
+                facts[name] = (suffix[rows] - suffix[end + 1]).to(values.dtype)
+            self._episode_columns = facts
+        return facts
+
+    def windows(self, last: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Windows of ``sequence_length`` steps ending at rows ``last`` (B,), cut at their episode starts and
+        left-padded (module docstring)."""
+        facts = self._episode_facts()
+        k = self.sequence_length
+        rows = last.unsqueeze(1) + torch.arange(1 - k, 1, device=last.device)  # (B, K)
+        start = facts["start"].index_select(0, last).unsqueeze(1)
+        valid = rows >= start
+        rows = torch.maximum(rows, start)
+        flat = rows.reshape(-1)
+        columns = {**self._columns(), "returns_to_go": facts["returns_to_go"], "costs_to_go": facts["costs_to_go"]}
+        out = {}
+        for name, values in columns.items():
+            picked = values.index_select(0, flat).reshape(*rows.shape, *values.shape[1:])
+            out[name] = picked * valid.reshape(*valid.shape, *([1] * (values.dim() - 1))).to(picked.dtype)
+        out["timesteps"] = (rows - start) * valid
+        out["padding_mask"] = valid
+        out["index"] = rows
         return out
 
     def _generator(self, device: torch.device, step: int) -> torch.Generator:
