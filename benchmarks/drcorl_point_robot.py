@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--eval_seed", type=int, default=2000, help="held-out episodes eval_seed + i")
-    parser.add_argument("--estimate_steps", type=int, default=3000, help="fitted-Q-evaluation steps per policy")
+    parser.add_argument("--estimate_steps", type=int, default=2000, help="fitted-Q-evaluation steps per policy")
     parser.add_argument("--noise", type=float, default=0.5, help="std of the noisy variants' action noise")
     parser.add_argument("--timing_calls", type=int, default=300)
     parser.add_argument("--train_threads", type=int, default=1,
