@@ -55,8 +55,8 @@ def _fisor():
 def _drcorl():
     behavior = BehaviorDiffusion(OBS, ACT, hidden_dim=32, num_blocks=1)
     # limit 0 with a huge slack keeps the estimate inside the band: the PCGrad (both objectives) step runs
-    return DrcorlPolicy(OBS, ACT, behavior, RewardCritic(OBS, ACT, **TINY), CostCritic(OBS, ACT, **TINY),
-                        hidden_dims=(32, 32), cost_limit=0.0, cost_slack=1e6)
+    return DrcorlPolicy(OBS, ACT, behavior, RewardCritic(OBS, ACT, **TINY), hidden_dims=(32, 32),
+                        cost_hidden_dims=(32, 32), cost_limit=0.0, cost_slack=1e6)
 
 
 FACTORIES = {

@@ -43,6 +43,7 @@ import copy
 from typing import Callable, Literal, Optional, Sequence, Union
 
 import torch
+from einops import rearrange, repeat
 from torch import nn
 
 from lightning_saferl.base import SafeRLModule
@@ -223,11 +224,11 @@ class BehaviorDiffusion(SafeRLModule):
     def sample(self, obs: torch.Tensor, num_samples: int = 1, steps: Optional[int] = None,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """(B, obs_dim) -> (B, num_samples, act_dim) behaviour actions, clipped to [-1, 1]."""
-        obs_rep = obs.repeat_interleave(num_samples, dim=0)
+        obs_rep = repeat(obs, "b o -> (b n) o", n=num_samples)
         x = self.sde.sample(lambda a, t: self.eps(a, t, obs_rep), (obs_rep.shape[0], self.hparams.act_dim),
                             obs.device, obs.dtype, steps=steps or self.hparams.sample_steps,
                             order=self.hparams.sample_order, t_min=self.hparams.t_min, clip=1.0, generator=generator)
-        return x.view(obs.shape[0], num_samples, -1)
+        return rearrange(x, "(b n) a -> b n a", n=num_samples)
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
