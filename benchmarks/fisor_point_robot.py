@@ -87,7 +87,10 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
     started = time.time()
     seed_dir = run_dir / behavior / f"seed{seed}"
     pipeline_args = ["--config", args.recipe, "--run_dir", str(seed_dir / "fisor"), "--seed_everything", str(seed),
-                     "--data.seed", str(seed), "--data.behavior", behavior]
+                     "--data.seed", str(seed), "--data.behavior", behavior,
+                     # the pipeline's own summary (seed_dir/fisor/summary.json) with the README table's protocol
+                     "--evaluation.episodes", "100", "--evaluation.num_envs", "50", "--evaluation.seed", "2000",
+                     "--evaluation.reset_options", json.dumps({"random_start": True})]
     if args.quick:
         pipeline_args.append("--smoke")
     config = build_parser().parse_args(pipeline_args)
