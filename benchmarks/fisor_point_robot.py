@@ -29,7 +29,8 @@ import json
 import multiprocessing
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import lightning as L
@@ -97,7 +98,7 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
     changed = stage_conflicts(config)  # stages cached for another config (e.g. an edited recipe) train afresh
     if changed:
         print(f"[benchmark] {seed_dir}: retraining stages of a changed config: {changed}")
-        config = build_parser().parse_args(pipeline_args + ["--restart", json.dumps(list(changed))])
+        config = build_parser().parse_args(pipeline_args + ["--restart", *changed])
     run_pipeline(config)
     actor = load_module(str(seed_dir / "fisor" / "actor" / "model.ckpt")).eval()
     critic = actor.feasibility_critic
@@ -157,8 +158,9 @@ def prepare_dataset(behavior: str, args) -> dict:
 
 
 def _run_unit(unit: tuple) -> dict:
-    """One (seed, dataset) in a worker process (one thread: the workers share the cores)."""
-    torch.set_num_threads(1)
+    """One (seed, dataset) in a worker process (one thread each when several share the cores)."""
+    if unit[3].jobs > 1:
+        torch.set_num_threads(1)
     return run_seed(*unit)
 
 
@@ -200,7 +202,7 @@ def main() -> None:
     parser.add_argument("--standard_episodes", type=int, default=20)
     parser.add_argument("--feasible_episodes", type=int, default=500)
     parser.add_argument("--jobs", type=int, default=1,
-                        help="(seed, dataset) runs in parallel worker processes of one thread each")
+                        help="(seed, dataset) runs in this many worker processes (one thread each when > 1)")
     args = parser.parse_args()
     if args.quick:
         args.standard_episodes, args.feasible_episodes, args.bc_steps = 2, 4, 5
@@ -208,21 +210,27 @@ def main() -> None:
     data = {behavior: prepare_dataset(behavior, args) for behavior in args.datasets}
     units = [(seed, behavior, data[behavior], args, run_dir)
              for behavior in args.datasets for seed in args.seeds]
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            figures = list(pool.map(_run_unit, units))
-    else:
-        figures = [run_seed(*unit) for unit in units]
-    results = {"seeds": args.seeds, "start_seed": args.start_seed}
+    figures, failed = {}, []
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_unit, unit): unit[:2] for unit in units}
+        for future in as_completed(futures):
+            seed, behavior = futures[future]
+            try:
+                figures[seed, behavior] = future.result()
+            except Exception:  # one failed run must not lose the others: reported, left out of the means
+                failed.append(f"{behavior}/seed{seed}")
+                print(f"[benchmark] {behavior} seed {seed} FAILED:\n{traceback.format_exc()}", flush=True)
+                continue
+            print_table(figures[seed, behavior], f"FISOR on PointRobot, dataset '{behavior}', seed {seed}")
+    results = {"seeds": args.seeds, "start_seed": args.start_seed, "failed": failed}
     for behavior in args.datasets:
-        per_seed = {}
-        for unit, seed_figures in zip(units, figures):
-            if unit[1] == behavior:
-                per_seed[unit[0]] = seed_figures
-                print_table(seed_figures, f"FISOR on PointRobot, dataset '{behavior}', seed {unit[0]}")
+        seeds = [seed for seed in args.seeds if (seed, behavior) in figures]
+        if not seeds:
+            continue
         suffix = "" if behavior == "mixed" else f"_{behavior}"
-        summary = summarize_dataset(behavior, data[behavior], per_seed, args.seeds)
-        results.update({f"{k}{suffix}": v for k, v in summary.items()})
+        per_seed = {seed: figures[seed, behavior] for seed in seeds}
+        summary = summarize_dataset(behavior, data[behavior], per_seed, seeds)
+        results.update({f"{k}{suffix}": v for k, v in {"seeds": seeds, **summary}.items()})
     print(json.dumps(results))
 
 
