@@ -257,7 +257,7 @@ def _policy(**kwargs) -> DrcorlPolicy:
 
 def _batch(obs: torch.Tensor) -> dict:
     n = obs.shape[0]
-    return {"observations": obs, "actions": torch.zeros(n, 2), "costs": torch.zeros(n),
+    return {"observations": obs, "actions": torch.zeros(n, 2), "rewards": torch.zeros(n), "costs": torch.zeros(n),
             "next_observations": obs.flip(0), "masks": torch.ones(n)}
 
 
@@ -278,7 +278,7 @@ def test_cost_estimate_and_zone_logged_by_losses():
     losses, extras = policy.losses(_batch(obs))
     assert extras["zone"].item() == COST_ZONE and extras["cost_estimate"].item() == pytest.approx(2.5, rel=1e-5)
     assert "q_reward" not in extras and extras["q_cost"].item() == pytest.approx(2.5, rel=1e-5)
-    assert set(losses) == {"policy_loss", "cost_critic_loss"}
+    assert set(losses) == {"policy_loss", "cost_critic_loss", "reward_critic_loss"}
     for limit, zone in ((2.5, BOTH_ZONE), (3.0, REWARD_ZONE)):
         policy.hparams.cost_limit = limit
         assert policy.losses(_batch(obs))[1]["zone"].item() == zone
@@ -389,6 +389,25 @@ def test_fit_checkpoint_and_standalone_load(tiny_data, tmp_path, head):
     assert torch.allclose(loaded.act(obs), policy.eval().act(obs))
     assert loaded.cost_estimate.item() == pytest.approx(policy.cost_estimate.item())
     assert torch.allclose(loaded.estimate_cost(obs), policy.estimate_cost(obs))
+
+
+@pytest.mark.parametrize("bc_steps, refit, changes", [(2, True, False), (1, True, True), (0, False, False)])
+def test_reward_critic_refitted_in_the_guided_phase_only(tiny_data, bc_steps, refit, changes):
+    """The reference refits the reward critic by TD with a' = pi(s') while guiding: its Q members and their targets
+    move in guided steps, never during distillation, and not at all with reward_refit=False."""
+    L.seed_everything(0)
+    reward = RewardCritic(11, 2, hidden_dims=(16,))
+    policy = DrcorlPolicy(11, 2, BehaviorDiffusion(11, 2, hidden_dim=16, num_blocks=1), reward, hidden_dims=(16,),
+                          cost_hidden_dims=(16,), bc_steps=bc_steps, reward_refit=refit)
+    before = {name: p.detach().clone() for name, p in reward.state_dict().items()}
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(policy, datamodule=tiny_data)
+    moved = {name for name, p in reward.state_dict().items() if not torch.equal(before[name], p)}
+    if changes:
+        assert moved == {name for name in before if name.startswith(("q.", "q_target."))}
+    else:
+        assert not moved
 
 
 def test_missing_frozen_models_are_reported(tiny_data):

@@ -29,7 +29,9 @@ start states (averaged over DDP ranks, smoothed):
 
 and the first `warmup_steps` guided steps are reward steps (the reference's 500). C_hat is a discounted episode
 cost (gamma = `cost_discount`): it moves with what the policy does at every state it reaches in the data, not only
-with its first action. The reward critic stays the frozen IQL one (the reference also refits it by TD; not done).
+with its first action. The reward critic starts as the IQL one and, in the guided phase, is refitted the same way
+(`reward_refit`, as the reference): FQE of its members on the batch with a' = pi_mode(s'), so Q_r follows the
+policy being improved instead of staying the in-sample optimum of the data.
 
 PCGrad: where the two gradients conflict (g_r . g_c < 0) each is projected on the normal plane of the other
 before they are summed; the halving keeps the step on the scale of a single-objective step. The combination is
@@ -48,6 +50,7 @@ from torch import nn
 
 from lightning_saferl.base import SafeRLModule
 from lightning_saferl.critics import RewardCritic
+from lightning_saferl.critics.losses import fqe_loss
 from lightning_saferl.nets import DeterministicPolicy, NoiseResNet, QEnsemble, TanhGaussianPolicy, polyak_update
 from lightning_saferl.nets.vpsde import VPSDE
 from lightning_saferl.policy import resolve_critic
@@ -135,9 +138,7 @@ class PolicyCostCritic(nn.Module):
 
     def td_loss(self, obs: torch.Tensor, actions: torch.Tensor, costs: torch.Tensor, next_obs: torch.Tensor,
                 next_actions: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            y = costs + self.discount * masks * self.q_target(next_obs, next_actions)  # (E, B)
-        return (self.q(obs, actions) - y).square().mean(dim=1).sum()
+        return fqe_loss(self.q, self.q_target, obs, actions, costs, next_obs, next_actions, masks, self.discount)
 
     def update_target(self) -> None:
         polyak_update(self.q_target, self.q, self.tau)
@@ -242,9 +243,10 @@ _FROZEN = (("behavior", BehaviorDiffusion), ("reward_critic", RewardCritic))
 
 
 class DrcorlPolicy(SafeRLModule):
-    """The DRCORL policy (module docstring). Frozen inputs, as modules or checkpoint paths: `behavior`
-    (BehaviorDiffusion) and `reward_critic` (RewardCritic); they are saved with the policy (weights and hparams),
-    so a checkpoint loads standalone with `load_policy` and resumes training. The cost critic is trained here.
+    """The DRCORL policy (module docstring). Inputs, as modules or checkpoint paths: `behavior` (BehaviorDiffusion,
+    frozen) and `reward_critic` (RewardCritic, its Q members refitted in the guided phase when `reward_refit`); they
+    are saved with the policy (weights and hparams), so a checkpoint loads standalone with `load_policy` and resumes
+    training. The cost critic is trained here.
 
     Args:
         head: "deterministic" (a = tanh(MLP(s))) or "gaussian" (tanh-squashed Gaussian, entropy term). The default
@@ -263,6 +265,9 @@ class DrcorlPolicy(SafeRLModule):
             (ensemble size, gamma, Polyak rate, k of mean + k std, widths).
         estimate_states: episode start states drawn (with replacement) for each step's estimate.
         estimate_smoothing: m in C <- m C + (1 - m) C_step (0: each step's estimate alone).
+        reward_refit: refit the reward critic's Q members by FQE (a' = pi(s'), its own discount and Polyak rate)
+            during the guided phase, as the reference. The loss is present with weight 0 in the distillation phase
+            so that every trained parameter has a gradient at every step (DDP).
     """
 
     def __init__(self, obs_dim: int, act_dim: int,
@@ -276,7 +281,7 @@ class DrcorlPolicy(SafeRLModule):
                  entropy_coef: float = 0.01, normalize_q: bool = True,
                  cost_members: int = 4, cost_discount: float = 0.99, cost_tau: float = 0.005,
                  cost_pessimism: float = 1.0, cost_hidden_dims: Sequence[int] = (256, 256),
-                 estimate_states: int = 256, estimate_smoothing: float = 0.9):
+                 estimate_states: int = 256, estimate_smoothing: float = 0.9, reward_refit: bool = True):
         super().__init__()
         if head not in ("deterministic", "gaussian"):
             raise ValueError(f"DrcorlPolicy: head must be 'deterministic' or 'gaussian', got {head!r}")
@@ -293,6 +298,8 @@ class DrcorlPolicy(SafeRLModule):
                                             cost_tau, cost_pessimism)
         self.behavior = resolve_critic(behavior, BehaviorDiffusion)
         self.reward_critic = resolve_critic(reward_critic, RewardCritic)
+        if reward_refit and self.reward_critic is not None:
+            self.reward_critic.q.requires_grad_(True)
         self.register_buffer("cost_estimate", torch.tensor(float("nan")))
         self.register_buffer("start_obs", torch.zeros(0, obs_dim), persistent=False)  # set at fit start
 
@@ -326,6 +333,8 @@ class DrcorlPolicy(SafeRLModule):
 
     def after_optimizer_step(self) -> None:
         self.cost_critic.update_target()
+        if self.hparams.reward_refit and self.global_step >= self.hparams.bc_steps:  # the step's own global_step
+            polyak_update(self.reward_critic.q_target, self.reward_critic.q, self.reward_critic.tau)
 
     # -- training ----------------------------------------------------------------------------------------------
     def estimate_cost(self, start_obs: torch.Tensor) -> torch.Tensor:
@@ -360,8 +369,14 @@ class DrcorlPolicy(SafeRLModule):
             next_actions = self.policy.mode(batch["next_observations"])
         critic_loss = self.cost_critic.td_loss(obs, batch["actions"], batch["costs"], batch["next_observations"],
                                                next_actions, batch["masks"])
+        losses = {"cost_critic_loss": critic_loss}
         estimate = self._shared_estimate()
         guided = self.global_step - h.bc_steps
+        if h.reward_refit:
+            rc = self.reward_critic
+            refit = fqe_loss(rc.q, rc.q_target, obs, batch["actions"], batch["rewards"], batch["next_observations"],
+                             next_actions, batch["masks"], rc.discount)
+            losses["reward_critic_loss"] = refit * float(guided >= 0)
         if guided < 0:
             zone = BC_ZONE
         elif guided < h.warmup_steps:
@@ -381,7 +396,6 @@ class DrcorlPolicy(SafeRLModule):
         if log_prob is not None:
             regulariser = regulariser + h.entropy_coef * log_prob.mean()
             extras["entropy"] = -log_prob.detach().mean()
-        losses = {"cost_critic_loss": critic_loss}
 
         reward_loss = cost_loss = None
         if zone in (REWARD_ZONE, BOTH_ZONE):

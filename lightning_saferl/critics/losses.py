@@ -21,6 +21,18 @@ def td_target(signal: torch.Tensor, next_value: torch.Tensor, mask: torch.Tensor
     return signal + discount * mask * next_value
 
 
+def fqe_loss(q, q_target, obs: torch.Tensor, actions: torch.Tensor, signal: torch.Tensor, next_obs: torch.Tensor,
+             next_actions: torch.Tensor, mask: torch.Tensor, discount: float) -> torch.Tensor:
+    """Fitted Q evaluation of the policy that chose `next_actions` (a' = pi(s')), for Q ensembles (E, B):
+
+        y_i = x + gamma mask Q'_i(s', a')  (no gradient),   L = sum_i mean_b (Q_i(s, a) - y_i)^2,
+
+    member i bootstrapping from its own target Q'_i."""
+    with torch.no_grad():
+        y = td_target(signal, q_target(next_obs, next_actions), mask, discount)
+    return (q(obs, actions) - y).square().mean(dim=1).sum()
+
+
 def hj_target(h: torch.Tensor, next_value: torch.Tensor, mask: torch.Tensor, discount: float) -> torch.Tensor:
     """Discounted Hamilton-Jacobi reachability target:
     (1 - gamma) h + gamma max(h, V_h(s')) for non-terminal transitions, h at terminal ones."""
