@@ -15,7 +15,9 @@ One optimiser over the summed loss; every cross-term is detached, so each networ
 with q_thres = limit (1 - gamma^T) / ((1 - gamma) T): the discounted cost-to-go of a policy that spends the episode
 budget evenly over T steps. lambda follows a PID controller on e_k = mean_b Q_c(s, pi(s)) - q_thres (`PIDLagrangian`).
 Differences from OSRL: the cost target bootstraps through `mask` like the reward target (OSRL's never stops at episode
-ends), and `act` decodes z = 0 (the VAE's mean latent) so the policy is deterministic (OSRL draws z).
+ends), and `act` selects as BCQ itself does (Fujimoto et al. 2019, Algorithm 1): of n perturbed VAE candidates the
+one with the highest Q_r - lambda Q_c (OSRL acts with one perturbed VAE sample, so lambda reaches the policy only
+through the phi-bounded perturbation: on PointRobot limits 2 and 10 then gave identical episodes).
 
 Also here, shared by the other transition baselines: the VAE (`ActionVAE`), the Q threshold of a cost limit
 (`cost_threshold`, `CostLimitedModule`) and `frozen_call` (a critic term whose gradient reaches only the actions).
@@ -221,5 +223,12 @@ class BCQLag(CostLimitedModule):
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
-        """xi(s, G(s, 0)): the perturbed decoding of the VAE's mean latent."""
-        return self.actor(obs, self.vae.decode(obs, sample=False))
+        """BCQ's selection among n perturbed VAE candidates a_j = xi(s, G(s, z_j)), under the Lagrangian:
+        argmax_j min_i Q_r,i(s, a_j) - lambda min_i Q_c,i(s, a_j)."""
+        n = self.hparams.num_samples
+        obs_rep = obs.repeat_interleave(n, 0)
+        candidates = self.actor(obs_rep, self.vae.decode(obs_rep))
+        score = (self.critic(obs_rep, candidates).min(0).values
+                 - self.lagrangian.multiplier * self.cost_critic(obs_rep, candidates).min(0).values)
+        best = score.view(-1, n).argmax(1)
+        return candidates.view(-1, n, candidates.shape[-1])[torch.arange(len(obs), device=obs.device), best]
