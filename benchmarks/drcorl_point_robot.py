@@ -118,7 +118,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--episodes", type=int, default=500)
     parser.add_argument("--eval_seed", type=int, default=2000, help="held-out episodes eval_seed + i")
-    parser.add_argument("--estimate_steps", type=int, default=2000, help="fitted-Q-evaluation steps per policy")
+    # 5000: on the tuning episodes (--eval_seed 1000) the 12 estimates ranked the measured costs with Spearman 0.83
+    # after 2000 steps and 0.97 after 5000 (long-horizon costs, e.g. BC-All's, had not propagated yet)
+    parser.add_argument("--estimate_steps", type=int, default=5000, help="fitted-Q-evaluation steps per policy")
     parser.add_argument("--noise", type=float, default=0.5, help="std of the noisy variants' action noise")
     parser.add_argument("--timing_calls", type=int, default=300)
     parser.add_argument("--train_threads", type=int, default=1,
