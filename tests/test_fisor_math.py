@@ -41,6 +41,9 @@ def test_fisor_weight_branches_and_clipping():
     # infeasible states: exp(5 (V_h - Q_h)) clipped to [1, 150] as the reference (the last: exp(-1.5) -> 1)
     expected = [math.exp(5 * 0.1), 150.0, math.exp(3 * 0.5), 100.0, 0.0, math.exp(3 * 0.2), 1.0]
     assert w.tolist() == pytest.approx(expected, rel=1e-5)
+    # a lower clip of 0: the infeasible action worse than V_h keeps its small weight exp(5 (0.2 - 0.5))
+    w0 = fisor_weights(v_h, q_h, q, v, infeasible_weight_min=0.0)
+    assert w0[-1].item() == pytest.approx(math.exp(-1.5), rel=1e-5) and w0[:-1].tolist() == pytest.approx(expected[:-1])
 
 
 def test_vp_schedule_forward_noising_and_reverse_step():

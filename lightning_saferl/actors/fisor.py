@@ -1,10 +1,13 @@
 """FISOR's actor: a DDPM noise-prediction policy trained by feasibility-weighted behaviour cloning.
 
     L = mean_b w_b ||eps_theta(a_k, k, s) - eps||^2,   a_k = sqrt(ab_k) a + sqrt(1 - ab_k) eps,
-    w = clip(exp(t_inf (V_h - Q_h)), 1, w_inf_max)   where V_h(s) > 0             (infeasible: least unsafe action)
+    w = clip(exp(t_inf (V_h - Q_h)), w_inf_min, w_inf_max)   where V_h(s) > 0     (infeasible: least unsafe action)
       = clip(exp(t_feas (Q - V)), 0, w_feas_max)     where V_h(s) <= 0, Q_h <= 0  (feasible, safe action)
       = 0                                            otherwise.
-The critics are frozen, so w is computed once over the dataset before training. The EMA copy acts:
+The critics are frozen, so w is computed once over the dataset before training. The reference clips the infeasible
+weights below at w_inf_min = 1: every action worse than V_h (most of them, V_h being a low expectile of Q_h) then
+weighs 1, and where Q_h spreads over a few tenths (PointRobot's h is a distance) the infeasible states are plainly
+cloned; w_inf_min = 0 with a temperature on the scale of Q_h makes them prefer the least unsafe actions. The EMA copy acts:
 N candidates per observation by ancestral sampling, keep the one with the lowest Q_h (or highest Q). With
 ``select_tolerance`` d > 0 and ``select_clearance`` m >= 0 (select="min_qh"): the highest-Q candidate among
     B = {c : Q_h(s, c) <= min_c' Q_h(s, c') + d  and  Q_h(s, c) <= -m},   the lowest-Q_h one where B is empty;
@@ -36,10 +39,11 @@ def ema_rate(update: int, ema_tau: float, warmup: bool = True) -> float:
 
 def fisor_weights(v_h: torch.Tensor, q_h: torch.Tensor, q: torch.Tensor, v: torch.Tensor,
                   infeasible_temperature: float = 5.0, infeasible_weight_max: float = 150.0,
-                  feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0) -> torch.Tensor:
+                  feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0,
+                  infeasible_weight_min: float = 1.0) -> torch.Tensor:
     infeasible = v_h > 0
     safe_action = ~infeasible & (q_h <= 0)
-    w_infeasible = torch.exp(infeasible_temperature * (v_h - q_h)).clamp(1, infeasible_weight_max)  # as the reference
+    w_infeasible = torch.exp(infeasible_temperature * (v_h - q_h)).clamp(infeasible_weight_min, infeasible_weight_max)
     w_safe = torch.exp(feasible_temperature * (q - v)).clamp(0, feasible_weight_max)
     return torch.where(infeasible, w_infeasible, torch.where(safe_action, w_safe, torch.zeros_like(q)))
 
@@ -63,6 +67,7 @@ class FisorActor(SafeRLModule):
                  num_candidates: int = 16, select: Literal["min_qh", "max_q"] = "min_qh",
                  select_tolerance: float = 0.0, select_clearance: float = 0.0,
                  infeasible_temperature: float = 5.0, infeasible_weight_max: float = 150.0,
+                 infeasible_weight_min: float = 1.0,
                  feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0,
                  weight_batch_size: int = 65536, compile: bool = False):
         super().__init__()
@@ -110,7 +115,8 @@ class FisorActor(SafeRLModule):
             chunks.append(fisor_weights(
                 self.feasibility_critic.value(obs), self.feasibility_critic.q_value(obs, act),
                 self.reward_critic.q_value(obs, act), self.reward_critic.value(obs),
-                h.infeasible_temperature, h.infeasible_weight_max, h.feasible_temperature, h.feasible_weight_max))
+                h.infeasible_temperature, h.infeasible_weight_max, h.feasible_temperature, h.feasible_weight_max,
+                h.get("infeasible_weight_min", 1.0)))
         weights = torch.cat(chunks)
         rank_zero_info(f"FisorActor weights over {len(weights)} transitions: mean {weights.mean():.3f}, "
                        f"zero {(weights == 0).float().mean():.1%}")
