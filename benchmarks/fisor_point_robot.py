@@ -14,6 +14,9 @@ with seed S. Per seed it measures:
   standard_start_violations      violating steps over the episodes from the standard start
   feasible_start_violation_rate  share of episodes from held-out oracle-feasible starts that ever violate, and
   goal_rate, return_mean         of FISOR, BC-All and BC-Safe from the same starts
+  *_violation_rate_tight          the same on the *tight* starts only: feasible, but at most 3 of the oracle's 7
+                                  braking manoeuvres escape (`escape_margin`), i.e. a nearly exact manoeuvre is
+                                  needed; ``tight_start_fraction`` is their share of the starts
 then every seed's figures, their mean and standard deviation, and as the last stdout line one JSON object.
 
 Held-out starts: drawn from the evaluation stream ``EVALUATION_STREAM + start_seed``
@@ -42,14 +45,19 @@ from lightning_saferl.callbacks.feasible_region import DEFAULT_SLICES, plot_feas
 from lightning_saferl.data.collect import summarize
 from lightning_saferl.data.datamodule import OfflineDataModule
 from lightning_saferl.envs import point_robot as pr
-from lightning_saferl.envs.oracle import dataset_rows_among, feasibility_scores, feasible_starts, is_feasible
+from lightning_saferl.envs.oracle import (
+    dataset_rows_among, escape_margin, feasibility_scores, feasible_starts, is_feasible,
+)
 from lightning_saferl.evaluation import EpisodeRunner
 from lightning_saferl.pipeline import build_parser, print_table, run_pipeline, stage_conflicts
 from lightning_saferl.policy import load_module
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "fisor" / "point_robot.yaml"
 GRID = 101  # grid points per axis of each slice
-SUMMARY_KEYS = ("feasible_start_violation_rate", "bc_safe_violation_rate", "bc_all_violation_rate", "goal_rate",
+TIGHT_MARGIN = 3  # a start is tight when at most this many of the oracle's 7 braking manoeuvres escape
+SUMMARY_KEYS = ("feasible_start_violation_rate", "bc_safe_violation_rate", "bc_all_violation_rate",
+                "feasible_start_violation_rate_tight", "bc_safe_violation_rate_tight",
+                "feasible_start_violation_rate_other", "bc_safe_violation_rate_other", "goal_rate",
                 "bc_safe_goal_rate", "bc_all_goal_rate", "return_mean", "bc_safe_return_mean", "shadow_recall",
                 "false_infeasible_rate", "feasible_region_iou", "dataset_shadow_recall",
                 "dataset_false_infeasible_rate", "standard_start_violations", "standard_start_goal_rate")
@@ -119,6 +127,10 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
                                reset_options=data["starts"])
         episodes[name] = runner.run_episodes(policy)
     violation_rate = {name: float((e["violations"] > 0).mean()) for name, e in episodes.items()}
+    tight = data["escape_margin"] <= TIGHT_MARGIN
+
+    def rate_on(name: str, where: np.ndarray) -> float:
+        return float((episodes[name]["violations"][where] > 0).mean()) if where.any() else float("nan")
     return {
         "feasible_region_iou": grid["iou"], "feasible_region_iou_per_slice": [round(x, 4) for x in ious],
         "shadow_recall": grid["shadow_recall"], "false_infeasible_rate": grid["false_infeasible_rate"],
@@ -129,6 +141,10 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
         "standard_start_goal_rate": float(standard["success"].mean()),
         "feasible_start_violation_rate": violation_rate["fisor"],
         "bc_all_violation_rate": violation_rate["bc_all"], "bc_safe_violation_rate": violation_rate["bc_safe"],
+        "feasible_start_violation_rate_tight": rate_on("fisor", tight),
+        "bc_safe_violation_rate_tight": rate_on("bc_safe", tight),
+        "feasible_start_violation_rate_other": rate_on("fisor", ~tight),
+        "bc_safe_violation_rate_other": rate_on("bc_safe", ~tight),
         "goal_rate": float(episodes["fisor"]["success"].mean()),
         "bc_all_goal_rate": float(episodes["bc_all"]["success"].mean()),
         "bc_safe_goal_rate": float(episodes["bc_safe"]["success"].mean()),
@@ -149,6 +165,7 @@ def prepare_dataset(behavior: str, args) -> dict:
     if overlap:
         raise RuntimeError(f"{overlap} held-out evaluation starts are rows of the {behavior} dataset")
     data["starts"] = [{"state": s.tolist()} for s in start_states]
+    data["escape_margin"] = escape_margin(start_states).numpy()
     with torch.no_grad():
         data["trivial_grid"] = region_scores(lambda obs: -obs[:, 5::3].min(dim=-1).values + pr.HAZARD_RADIUS,
                                              DEFAULT_SLICES, GRID)  # h(s) = radius - nearest hazard distance
@@ -179,6 +196,7 @@ def summarize_dataset(behavior: str, data: dict, per_seed: dict, seeds: list[int
         **summary,
         "standard_start_violations_max": max(per_seed[s]["standard_start_violations"] for s in seeds),
         "feasible_start_episodes": len(data["starts"]),
+        "tight_start_fraction": float((data["escape_margin"] <= TIGHT_MARGIN).mean()),
         "trivial_shadow_recall": data["trivial_grid"]["shadow_recall"],
         "trivial_false_infeasible_rate": data["trivial_grid"]["false_infeasible_rate"],
         "trivial_feasible_region_iou": data["trivial_grid"]["iou"],

@@ -6,7 +6,8 @@ import torch
 from lightning_saferl.envs import point_robot as pr
 from lightning_saferl.data.collect import rollout_point_robot
 from lightning_saferl.envs.oracle import (
-    dataset_rows_among, feasibility_scores, feasible_region_iou, feasible_starts, grid_slice, is_feasible,
+    dataset_rows_among, escape_margin, feasibility_scores, feasible_region_iou, feasible_starts, grid_slice,
+    is_feasible, TURN_RATES,
 )
 
 DOWN = -math.pi / 2  # heading from above straight at hazard 1, centred at (0.4, -1.2)
@@ -35,6 +36,16 @@ def test_clearly_safe_and_clearly_doomed_states():
 
 def test_standard_start_is_feasible():
     assert is_feasible(_t(list(pr.STANDARD_START))).item()
+
+
+def test_escape_margin_counts_the_manoeuvres_that_avoid_every_hazard():
+    # far from both hazards, at rest: every manoeuvre is safe; the standard start (heading for the upper hazard at
+    # speed 2) escapes with some turn rates only; inside a hazard none
+    states = _t([2.5, -2.5, 0.0, 0.0], list(pr.STANDARD_START), [0.4, -1.2, 1.0, 0.0])
+    margin = escape_margin(states)
+    assert margin[0].item() == len(TURN_RATES) and 0 < margin[1].item() < len(TURN_RATES) and margin[2].item() == 0
+    per_rate = torch.stack([is_feasible(states, (rate,)) for rate in TURN_RATES]).sum(0)
+    assert margin.tolist() == per_rate.tolist()
 
 
 def test_moving_away_just_outside_is_feasible():

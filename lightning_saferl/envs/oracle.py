@@ -31,13 +31,19 @@ TURN_RATES = (-1.0, -2.0 / 3.0, -1.0 / 3.0, 0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0)
 
 def is_feasible(states: torch.Tensor, turn_rates: Sequence[float] = TURN_RATES) -> torch.Tensor:
     """(B,) bool: True where a braking manoeuvre with one of `turn_rates` avoids every hazard (see module doc)."""
+    return escape_margin(states, turn_rates) > 0
+
+
+def escape_margin(states: torch.Tensor, turn_rates: Sequence[float] = TURN_RATES) -> torch.Tensor:
+    """(B,) int64: how many of the braking manoeuvres (one per turn rate) avoid every hazard. A feasible state
+    with a margin of 1 or 2 of the 7 default ones needs a nearly exact manoeuvre; 7 is far from any hazard."""
     if states.ndim != 2 or states.shape[-1] != 4:
         raise ValueError(f"is_feasible: states must have shape (B, 4), got {tuple(states.shape)}")
     if len(turn_rates) == 0:
         raise ValueError("is_feasible: turn_rates is empty")
     batch, num = states.shape[0], len(turn_rates)
     if batch == 0:
-        return torch.zeros(0, dtype=torch.bool, device=states.device)
+        return torch.zeros(0, dtype=torch.int64, device=states.device)
     current = states[:, None, :].expand(batch, num, 4).reshape(batch * num, 4)
     turn = states.new_tensor(turn_rates).repeat(batch)
     actions = torch.stack((torch.full_like(turn, -1.0), turn), dim=-1)
@@ -47,7 +53,7 @@ def is_feasible(states: torch.Tensor, turn_rates: Sequence[float] = TURN_RATES) 
     for _ in range(num_steps):
         current = step_states(current, actions)
         safe &= ~in_hazard(current)
-    return safe.view(batch, num).any(dim=-1)
+    return safe.view(batch, num).sum(dim=-1)
 
 
 def grid_slice(
