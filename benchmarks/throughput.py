@@ -1,6 +1,6 @@
 """Training and acting throughput of FISOR (and DRCORL's policy) on this machine, against its own matmul peak.
 
-    python benchmarks/throughput.py [--threads N] [--repeats R] [--bf16] [--quick]
+    python benchmarks/throughput.py [--threads N] [--repeats R] [--bf16] [--quick] [--baselines_only]
 
 Prints a table (median, inter-quartile range, min and max per figure) and, last, one JSON object.
 
@@ -148,6 +148,30 @@ def optimizer_of(module) -> torch.optim.Optimizer:
     return config["optimizer"] if isinstance(config, dict) else config
 
 
+def baseline_loops(path: Path) -> list[tuple[str, "BareLoop"]]:
+    """BCQ-Lag, CPQ, COptiDICE and CDT as their PointRobot recipes build them, each with a batch-256 stream
+    (CDT: windows of its recipe's K steps)."""
+    import importlib
+
+    import yaml
+    from lightning_saferl.data.datamodule import OfflineDataModule
+
+    loops = []
+    for name in ("bcq_lag", "cpq", "coptidice", "cdt"):
+        recipe = Path(__file__).resolve().parent.parent / "configs" / "baselines" / f"{name}_point_robot.yaml"
+        policy = yaml.safe_load(recipe.read_text())["stages"]["policy"]
+        module_name, cls = policy["model"]["class_path"].rsplit(".", 1)
+        kwargs = {"max_episode_steps": 300, **policy["model"]["init_args"]}
+        module = getattr(importlib.import_module(module_name), cls)(OBS_DIM, ACT_DIM, **kwargs)
+        dm = OfflineDataModule(task="PointRobot-v0", path=str(path), batch_size=256, steps_per_epoch=10**6,
+                               sequence_length=policy["data"].get("sequence_length"))
+        dm.setup("fit")
+        if name == "coptidice":
+            module.set_data_statistics(dm.transitions)
+        loops.append((name, BareLoop(module, dm)))
+    return loops
+
+
 class BareLoop:
     """One training step of `module` as Lightning's automatic optimisation runs it, without the Trainer."""
 
@@ -188,12 +212,20 @@ def lightning_overhead(module_factory, dm_factory, steps: int, bare_median_ms: f
 
 
 # ------------------------------------------------------------------------------------------------ main
+def print_rows(rows: list[tuple[str, dict, str]]) -> None:
+    print(f"{'figure':52s} {'median ms':>10s} {'IQR ms':>17s} {'min-max ms':>19s}  note")
+    for name, s, note in rows:
+        print(f"{name:52s} {s['median']:10.2f} {s['q1']:8.2f}-{s['q3']:<8.2f} {s['min']:9.2f}-{s['max']:<9.2f}  {note}")
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--repeats", type=int, default=30, help="timed repeats per figure (more for cheap ones)")
     parser.add_argument("--bf16", action="store_true", help="also time the full FISOR step under bf16 autocast")
     parser.add_argument("--quick", action="store_true", help="few repeats (smoke test of the script)")
+    parser.add_argument("--baselines_only", action="store_true",
+                        help="only the BCQ-Lag, CPQ, COptiDICE and CDT training steps (no FISOR figures)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")  # self.log outside a Trainer warns once per module
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -213,6 +245,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = synthetic_dataset(Path(tmp) / "bench.hdf5", 100_000)
+        # -- the baselines' training steps at batch 256, their PointRobot recipes' networks
+        for name, loop in baseline_loops(path):
+            stats = repeat(loop, reps)
+            out[f"{name}_step_ms"] = stats["median"]
+            rows.append((f"{name} step, batch 256 (PointRobot recipe)", stats, ""))
+        if args.baselines_only:
+            print_rows(rows)
+            print(json.dumps(out))
+            return out
+
         dm256, dm1024 = datamodule(path, 256), datamodule(path, 1024, seed=1)
         feas, reward = FeasibilityCritic(OBS_DIM, ACT_DIM), RewardCritic(OBS_DIM, ACT_DIM)
         actor = FisorActor(OBS_DIM, ACT_DIM, feasibility_critic=feas, reward_critic=reward)
@@ -309,9 +351,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"load average (1 min) {out['load_average_1min_start']:.2f} -> {out['load_average_1min_end']:.2f}")
     print(f"fraction of peak: actor {out['actor_step_fraction_of_peak']:.2f}, "
           f"critics {out['critic_step_fraction_of_peak']:.2f}")
-    print(f"{'figure':52s} {'median ms':>10s} {'IQR ms':>17s} {'min-max ms':>19s}  note")
-    for name, s, note in rows:
-        print(f"{name:52s} {s['median']:10.2f} {s['q1']:8.2f}-{s['q3']:<8.2f} {s['min']:9.2f}-{s['max']:<9.2f}  {note}")
+    print_rows(rows)
     first = ["peak_gflops", "actor_step_ms", "actor_step_fraction_of_peak", "critic_step_ms",
              "critic_step_fraction_of_peak", "fisor_full_step_ms_b2048", "fisor_act_ms", "fisor_act_ms_batch20",
              "drcorl_act_ms"]
