@@ -38,9 +38,9 @@ def escape_margin(states: torch.Tensor, turn_rates: Sequence[float] = TURN_RATES
     """(B,) int64: how many of the braking manoeuvres (one per turn rate) avoid every hazard. A feasible state
     with a margin of 1 or 2 of the 7 default ones needs a nearly exact manoeuvre; 7 is far from any hazard."""
     if states.ndim != 2 or states.shape[-1] != 4:
-        raise ValueError(f"is_feasible: states must have shape (B, 4), got {tuple(states.shape)}")
+        raise ValueError(f"PointRobot oracle: states must have shape (B, 4), got {tuple(states.shape)}")
     if len(turn_rates) == 0:
-        raise ValueError("is_feasible: turn_rates is empty")
+        raise ValueError("PointRobot oracle: turn_rates is empty")
     batch, num = states.shape[0], len(turn_rates)
     if batch == 0:
         return torch.zeros(0, dtype=torch.int64, device=states.device)
