@@ -8,8 +8,8 @@ The critics are frozen, so w is computed once over the dataset before training. 
 weights below at w_inf_min = 1: every action worse than V_h (most of them, V_h being a low expectile of Q_h) then
 weighs 1, and where Q_h spreads over a few tenths (PointRobot's h is a distance) the infeasible states are plainly
 cloned; w_inf_min = 0 with a temperature on the scale of Q_h makes them prefer the least unsafe actions.
-The EMA copy acts: N candidates per observation by ancestral sampling, keep the one with the lowest Q_h (or highest Q). With
-``select_tolerance`` d > 0 and ``select_clearance`` m >= 0 (select="min_qh"): the highest-Q candidate among
+The EMA copy acts: N candidates per observation by ancestral sampling, keep the one with the lowest Q_h (or highest
+Q). With ``select_tolerance`` d > 0 and ``select_clearance`` m >= 0 (select="min_qh"): the highest-Q candidate among
     B = {c : Q_h(s, c) <= min_c' Q_h(s, c') + d  and  Q_h(s, c) <= -m},   the lowest-Q_h one where B is empty;
 d = 0 is the reference's rule. Far inside the feasible set Q_h is nearly flat over the candidates and the
 lowest Q_h is a draw biased to braking; there B holds them all and Q decides (see the recipe's comment).
