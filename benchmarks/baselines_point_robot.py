@@ -18,7 +18,8 @@ Limits 3 and 10, from the data (1517 episodes, 71% cost-free, mean episode cost 
 cost-to-go averages 1.53 over dataset states). A limit L becomes the Q threshold 0.317 L (gamma 0.99, T 300): at 3
 that is 0.95, below the behaviour's 1.53, so the constraint binds and must be met by avoiding hazards the data
 enters (cost-free episodes show it can be); at 10 it is 3.17, twice the behaviour's, so reward-seeking costs what it
-likes (BC on all data costs ~4.9, a scripted reckless goal-seeker 5.6 over 100 random-start episodes).
+likes (BC on all data costs 5.1, a scripted reckless goal-seeker 5.5 over 500 random-start episodes, as measured
+by benchmarks/drcorl_point_robot.py).
 """
 from __future__ import annotations
 
