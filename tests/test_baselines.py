@@ -151,6 +151,47 @@ def test_cpq_cost_critic_rates_out_of_distribution_actions_costlier():
     assert float(q_far.mean() - q_data.mean()) > qc_threshold, (float(q_far.mean()), float(q_data.mean()))
 
 
+def test_cpq_ood_term_averages_the_cost_critic_over_the_ood_samples_only():
+    # E_ood[Q_c] of the dual ascent is the mean over the OOD samples (the top quarter of the VAE's KL), not OSRL's
+    # masked mean over all n B samples, a quarter of it, which the ascent pushed to 4 qc_thres
+    torch.manual_seed(0)
+    n = 64
+    data = columns(torch.randn(n, 11), torch.rand(n, 2) * 2 - 1, torch.zeros(n), torch.zeros(n), torch.ones(n))
+    model = CPQ(11, 2, vae_hidden_dim=16, cost_limit=5.0, max_episode_steps=300, **TINY).train()
+    batch = next(batches(data, n))
+    torch.manual_seed(1)
+    reported = float(model.losses(batch)[1]["q_cost_ood"])
+    torch.manual_seed(1)  # the same draws: next actions, then 10 samples per state
+    with torch.no_grad():
+        model.policy(batch["next_observations"])
+        obs_rep = batch["observations"].repeat(10, 1)
+        samples, _ = model.policy(obs_rep)
+        ood = model.ood_mask(obs_rep, samples).bool()
+        by_hand = model.cost_critic(obs_rep[ood], samples[ood]).mean(1).min()
+    assert 0.2 < float(ood.float().mean()) < 0.3
+    assert reported == pytest.approx(float(by_hand), rel=1e-5)
+
+
+def test_cpq_actor_leaves_actions_the_cost_critic_rates_unsafe():
+    # one-step episodes: the reward and the cost grow with action[0] > 0; q_thres = limit. Trained at limit 2 (all
+    # safe) the actor takes the costly reward; lowered to 0.5 it must come back below 0, which only the descent on
+    # Q_c where unsafe does (measured a0 1.00 -> 0.03; OSRL's actor gets no gradient there: 1.00 -> 1.00)
+    gen = torch.Generator().manual_seed(0)
+    n = 512
+    obs = torch.randn(4, 11, generator=gen)[torch.arange(n) % 4]
+    actions = torch.rand(n, 2, generator=gen) * 2 - 1
+    costly = (actions[:, 0] > 0).float()
+    data = columns(obs, actions, 1 + actions[:, 0], costly, torch.zeros(n))
+    torch.manual_seed(0)
+    model = CPQ(11, 2, vae_hidden_dim=16, lr=3e-3, actor_lr=3e-3, alpha_max=0.0, cost_limit=2.0,
+                max_episode_steps=1, **TINY)
+    stream = batches(data, 128)
+    a_loose = float(train(model, stream, 300).act(obs[:4])[:, 0].mean())
+    model.hparams.cost_limit = 0.5
+    a_tight = float(train(model, stream, 300).act(obs[:4])[:, 0].mean())
+    assert a_loose > 0.5 and a_tight < 0.1, (a_loose, a_tight)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # COptiDICE: non-negative, normalised weights that move mass to low-cost transitions as the limit tightens
 # ------------------------------------------------------------------------------------------------------------
