@@ -1,6 +1,8 @@
 """CDT and the data module's sequence mode: windows with hand-computed returns-to-go / costs-to-go, windows inside
 episodes, the cost-to-go token steering a trained model, the runner's per-episode context, and the recipes through
 `lightning-saferl pipeline --smoke`."""
+import argparse
+import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from lightning_saferl.data.datamodule import OfflineDataModule
 from lightning_saferl.data.format import write_dataset
 from lightning_saferl.evaluation import EpisodeRunner
 from lightning_saferl.policy import load_policy
+from lightning_saferl.table import write_table
 from tiny_data import write_tiny
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "baselines"
@@ -193,3 +196,28 @@ def test_sequence_length_mismatch_is_an_input_error(tmp_path, capsys):
         _smoke("cdt_point_robot.yaml", tmp_path / "run", "--data.path", write_tiny(tmp_path / "tiny.hdf5"),
                "--stages.policy.data.sequence_length", "5")
     assert "data.sequence_length is 5, the model's sequence_length 10" in capsys.readouterr().err
+
+
+def test_benchmark_target_evaluations_are_table_rows(tmp_path, monkeypatch):
+    # benchmarks/baselines_point_robot.py trains CDT once and evaluates it at every target cost: each evaluation
+    # must be a run of `lightning-saferl table` at its target, so the table shows CDT beside the other methods
+    spec = importlib.util.spec_from_file_location("baselines_bench", CONFIGS.parents[1] / "benchmarks" /
+                                                  "baselines_point_robot.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tiny = write_tiny(tmp_path / "tiny.hdf5")
+    recipe = bench.recipe
+
+    def small(method, limit, steps):
+        config = recipe(method, limit, steps)
+        config["data"]["path"] = tiny
+        config["stages"]["policy"]["data"]["batch_size"] = 16
+        config["stages"]["policy"]["model"]["init_args"].update(embedding_dim=16, num_heads=2)
+        return config
+
+    monkeypatch.setattr(bench, "recipe", small)
+    args = argparse.Namespace(run_dir=str(tmp_path / "bench"), steps=None, episodes=2, eval_seed=2000, quick=True)
+    summaries = bench.cdt_summaries(0, [3.0, 10.0], args)
+    assert [s["cost_limit"] for s in summaries] == [3.0, 10.0]
+    table = write_table([str(tmp_path / "bench")], str(tmp_path / "table"))
+    assert [(r["algorithm"], r["cost_limit"], r["n"]) for r in table["rows"]] == [("cdt", 3.0, 1), ("cdt", 10.0, 1)]
