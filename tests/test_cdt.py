@@ -194,8 +194,8 @@ def test_dsrl_recipe_follows_the_limit(tmp_path, monkeypatch):
 def test_sequence_length_mismatch_is_an_input_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _smoke("cdt_point_robot.yaml", tmp_path / "run", "--data.path", write_tiny(tmp_path / "tiny.hdf5"),
-               "--stages.policy.data.sequence_length", "5")
-    assert "data.sequence_length is 5, the model's sequence_length 10" in capsys.readouterr().err
+               "--stages.policy.data.sequence_length", "3")
+    assert "data.sequence_length is 3, the model's sequence_length 5" in capsys.readouterr().err
 
 
 def test_benchmark_target_evaluations_are_table_rows(tmp_path, monkeypatch):

@@ -47,7 +47,8 @@ class CDT(SafeRLModule):
         embedding_dim, num_layers, num_heads, dropout: the transformer's width, depth, heads and dropout
             (embeddings, attention and residuals alike).
         max_episode_steps: size of the time embedding (later steps share the last one).
-        return_scale, cost_scale: scale of the return-to-go and cost-to-go tokens (OSRL's reward_scale, cost_scale).
+        return_scale, cost_scale: scale of the return-to-go and cost-to-go tokens (OSRL's reward_scale, cost_scale);
+            return_scale 0 conditions on the cost alone (the return token is then a constant).
         cost_loss_weight: weight of the auxiliary cost classification.
         lr, weight_decay, warmup_steps: AdamW with a linear warm-up of the learning rate.
         target_return, target_cost: the conditioning targets of an evaluation episode (attributes; may be set
