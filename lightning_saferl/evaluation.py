@@ -173,9 +173,9 @@ class EpisodeRunner:
                  env_factory: Optional[Callable[[str], gym.Env]] = None, cost_limit: Optional[float] = None,
                  progress: bool = True):
         if episodes < 1:
-            raise ValueError(f"EpisodeRunner: episodes must be >= 1, got {episodes}")
+            raise InputError(f"EpisodeRunner: episodes must be >= 1, got {episodes}")
         if num_envs < 1:
-            raise ValueError(f"EpisodeRunner: num_envs must be >= 1, got {num_envs}")
+            raise InputError(f"EpisodeRunner: num_envs must be >= 1, got {num_envs}")
         self.task_id, self.task_spec = _resolve_task(task)
         self.episodes = int(episodes)
         self.num_envs = int(num_envs)
@@ -183,7 +183,7 @@ class EpisodeRunner:
         if reset_options is not None and not isinstance(reset_options, Mapping):
             reset_options = [dict(o) for o in reset_options]
             if len(reset_options) < self.episodes:
-                raise ValueError(f"EpisodeRunner: {len(reset_options)} per-episode reset_options for "
+                raise InputError(f"EpisodeRunner: {len(reset_options)} per-episode reset_options for "
                                  f"{self.episodes} episodes")
         elif reset_options is not None:
             reset_options = dict(reset_options)
@@ -191,7 +191,7 @@ class EpisodeRunner:
         if max_episode_steps is None and self.task_spec is not None:
             max_episode_steps = getattr(self.task_spec, "max_episode_steps", None)
         if max_episode_steps is not None and max_episode_steps < 1:
-            raise ValueError(f"EpisodeRunner: max_episode_steps must be >= 1, got {max_episode_steps}")
+            raise InputError(f"EpisodeRunner: max_episode_steps must be >= 1, got {max_episode_steps}")
         self.max_episode_steps = max_episode_steps
         self.env_factory = env_factory if env_factory is not None else _default_env_factory
         self.cost_limit = cost_limit

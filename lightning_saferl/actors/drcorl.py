@@ -51,6 +51,7 @@ from torch import nn
 from lightning_saferl.base import SafeRLModule
 from lightning_saferl.critics import RewardCritic
 from lightning_saferl.critics.losses import fqe_loss
+from lightning_saferl.errors import InputError
 from lightning_saferl.nets import DeterministicPolicy, NoiseResNet, QEnsemble, TanhGaussianPolicy, polyak_update
 from lightning_saferl.nets.vpsde import VPSDE
 from lightning_saferl.policy import resolve_critic
@@ -93,7 +94,7 @@ def sds_weight(sde: VPSDE, t: torch.Tensor, weighting: str) -> torch.Tensor:
         return torch.ones_like(t)
     if weighting == "alpha_over_sigma":
         return sde.alpha(t) / sde.sigma(t)
-    raise ValueError(f"unknown score-distillation weighting {weighting!r}; choose one of {WEIGHTINGS}")
+    raise InputError(f"unknown score-distillation weighting {weighting!r}; choose one of {WEIGHTINGS}")
 
 
 def score_distillation_loss(eps_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -131,7 +132,7 @@ class PolicyCostCritic(nn.Module):
                  discount: float = 0.99, tau: float = 0.005, pessimism: float = 1.0):
         super().__init__()
         if members < 2:
-            raise ValueError(f"PolicyCostCritic needs members >= 2 (its pessimism uses their spread), got {members}")
+            raise InputError(f"PolicyCostCritic needs members >= 2 (its pessimism uses their spread), got {members}")
         self.discount, self.tau, self.pessimism = discount, tau, pessimism
         self.q = QEnsemble(obs_dim, act_dim, tuple(hidden_dims), members)
         self.q_target = copy.deepcopy(self.q).requires_grad_(False)
@@ -284,11 +285,11 @@ class DrcorlPolicy(SafeRLModule):
                  estimate_states: int = 256, estimate_smoothing: float = 0.9, reward_refit: bool = True):
         super().__init__()
         if head not in ("deterministic", "gaussian"):
-            raise ValueError(f"DrcorlPolicy: head must be 'deterministic' or 'gaussian', got {head!r}")
+            raise InputError(f"DrcorlPolicy: head must be 'deterministic' or 'gaussian', got {head!r}")
         if weighting not in WEIGHTINGS:
-            raise ValueError(f"DrcorlPolicy: weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+            raise InputError(f"DrcorlPolicy: weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if cost_slack < 0 or not 0 <= estimate_smoothing < 1 or not 0 < t_min < 1:
-            raise ValueError(f"DrcorlPolicy: need cost_slack >= 0, 0 <= estimate_smoothing < 1 and 0 < t_min < 1, "
+            raise InputError(f"DrcorlPolicy: need cost_slack >= 0, 0 <= estimate_smoothing < 1 and 0 < t_min < 1, "
                              f"got {cost_slack}, {estimate_smoothing}, {t_min}")
         self.save_hyperparameters(ignore=[name for name, _ in _FROZEN])
         self.lr, self.cosine_decay_steps = lr, cosine_decay_steps
@@ -326,7 +327,7 @@ class DrcorlPolicy(SafeRLModule):
         super().on_fit_start()
         missing = [name for name, _ in _FROZEN if getattr(self, name) is None]
         if missing:
-            raise ValueError(f"DrcorlPolicy needs trained {', '.join(missing)}: pass them as modules or checkpoint "
+            raise InputError(f"DrcorlPolicy needs trained {', '.join(missing)}: pass them as modules or checkpoint "
                              "paths (recipe: `inputs` of the policy stage).")
         data = self.dataset()
         self.start_obs = data.observations[episode_starts(data)].to(self.device)
@@ -345,7 +346,7 @@ class DrcorlPolicy(SafeRLModule):
         """A fresh estimate on drawn start states, averaged over ranks (every rank then picks the same zone),
         smoothed while training."""
         if self.start_obs.shape[0] == 0:
-            raise ValueError("DrcorlPolicy: no episode start states; fit it with an OfflineDataModule")
+            raise InputError("DrcorlPolicy: no episode start states; fit it with an OfflineDataModule")
         draw = torch.randint(self.start_obs.shape[0], (self.hparams.estimate_states,), device=self.start_obs.device)
         estimate = self.estimate_cost(self.start_obs[draw])
         if self._trainer is not None and self.trainer.world_size > 1:

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_saferl.callbacks.rollout import ROLLOUT_PREFIX
+from lightning_saferl.errors import InputError
 
 __all__ = ["SafeCheckpoint", "safety_score", "UNSAFE_OFFSET"]
 
@@ -112,7 +113,7 @@ class LastCheckpoint(Checkpoint):
 
     def __init__(self, dirpath: Optional[str] = None, every_n_train_steps: int = 1000):
         if every_n_train_steps < 1:
-            raise ValueError(f"LastCheckpoint: every_n_train_steps must be >= 1, got {every_n_train_steps}")
+            raise InputError(f"LastCheckpoint: every_n_train_steps must be >= 1, got {every_n_train_steps}")
         self.dirpath = dirpath
         self.every_n_train_steps = int(every_n_train_steps)
         self.saved_step: Optional[int] = None

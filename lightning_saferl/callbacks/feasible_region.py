@@ -23,6 +23,7 @@ from matplotlib.patches import Circle, Patch
 from lightning_saferl.callbacks.rollout import due, eval_mode, publish, task_from_trainer
 from lightning_saferl.envs import point_robot
 from lightning_saferl.envs.oracle import feasibility_scores, feasible_region_iou, grid_slice, is_feasible
+from lightning_saferl.errors import InputError
 
 __all__ = ["FeasibleRegionPlot", "plot_feasible_region", "region_scores", "slice_ious", "DEFAULT_SLICES"]
 
@@ -135,9 +136,9 @@ class FeasibleRegionPlot(pl.Callback):
     def __init__(self, every_n_steps: int = 1000, slices: Sequence[Sequence[float]] = DEFAULT_SLICES, n: int = 81,
                  task: Any = None):
         if every_n_steps < 1:
-            raise ValueError(f"FeasibleRegionPlot: every_n_steps must be >= 1, got {every_n_steps}")
+            raise InputError(f"FeasibleRegionPlot: every_n_steps must be >= 1, got {every_n_steps}")
         if not slices or any(len(s) != 2 for s in slices):
-            raise ValueError(f"FeasibleRegionPlot: slices must be a non-empty sequence of (v, theta), got {slices!r}")
+            raise InputError(f"FeasibleRegionPlot: slices must be a non-empty sequence of (v, theta), got {slices!r}")
         self.every_n_steps = every_n_steps
         self.slices = tuple((float(v), float(theta)) for v, theta in slices)
         self.n = n

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from lightning_saferl.errors import InputError
 from lightning_saferl.evaluation import EpisodeRunner, merge_episodes, rank_slice
 
 __all__ = ["SafeRollout", "ROLLOUT_PREFIX"]
@@ -24,7 +25,7 @@ def task_from_trainer(trainer: "pl.Trainer", task: Any, owner: str) -> Any:
         found = getattr(datamodule, attr, None)
         if found is not None:
             return found
-    raise ValueError(f"{owner}: no task to evaluate on: pass task=... or train with a datamodule that has a "
+    raise InputError(f"{owner}: no task to evaluate on: pass task=... or train with a datamodule that has a "
                      "`task_spec` or `task` attribute (e.g. OfflineDataModule)")
 
 
@@ -89,9 +90,9 @@ class SafeRollout(pl.Callback):
                  max_episode_steps: Optional[int] = None, cost_limit: Optional[float] = None,
                  env_factory: Optional[Callable[[str], Any]] = None, progress: bool = False):
         if every_n_steps < 1:
-            raise ValueError(f"SafeRollout: every_n_steps must be >= 1, got {every_n_steps}")
+            raise InputError(f"SafeRollout: every_n_steps must be >= 1, got {every_n_steps}")
         if episodes < 1:
-            raise ValueError(f"SafeRollout: episodes must be >= 1, got {episodes}")
+            raise InputError(f"SafeRollout: episodes must be >= 1, got {episodes}")
         self.every_n_steps = every_n_steps
         self.episodes = episodes
         self.num_envs = num_envs

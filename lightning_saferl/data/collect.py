@@ -54,8 +54,8 @@ from tqdm import tqdm
 
 from lightning_saferl.data.format import write_dataset
 from lightning_saferl.data.tasks import dsrl_task_ids, get_task
-from lightning_saferl.errors import InputError
 from lightning_saferl.envs import point_robot as pr
+from lightning_saferl.errors import InputError
 
 BEHAVIORS = ("mixed", "expert", "random", "scarce")  # PointRobot-v0 (batched scripted behaviours)
 ENV_BEHAVIORS = ("mixed", "random", "policy")  # simulator tasks
@@ -131,9 +131,9 @@ def rollout_point_robot(
     Waves of ``min(num_envs, ceil(steps / 32))`` episodes run in parallel until `steps` rows exist.
     """
     if behavior not in BEHAVIORS:
-        raise ValueError(f"unknown behavior {behavior!r}; choose one of {BEHAVIORS}")
+        raise InputError(f"unknown behavior {behavior!r}; choose one of {BEHAVIORS}")
     if steps <= 0 or num_envs <= 0:
-        raise ValueError(f"steps and num_envs must be positive, got steps={steps}, num_envs={num_envs}")
+        raise InputError(f"steps and num_envs must be positive, got steps={steps}, num_envs={num_envs}")
     wave_size = min(num_envs, math.ceil(steps / 32))  # episodes average ~65 steps: small datasets need few
     generator = torch.Generator().manual_seed(seed)
     waves: list[dict[str, torch.Tensor]] = []
@@ -206,13 +206,13 @@ def rollout_env(
     from lightning_saferl.envs import make_env
 
     if behavior not in ENV_BEHAVIORS:
-        raise ValueError(f"unknown behavior {behavior!r} for {task_id}; choose one of {ENV_BEHAVIORS}")
+        raise InputError(f"unknown behavior {behavior!r} for {task_id}; choose one of {ENV_BEHAVIORS}")
     if behavior == "policy" and policy is None:
-        raise ValueError("behavior 'policy' needs a policy checkpoint (--policy CKPT)")
+        raise InputError("behavior 'policy' needs a policy checkpoint (--policy CKPT)")
     if policy is not None and behavior == "random":
-        raise ValueError("behavior 'random' takes no policy; use 'policy' or 'mixed'")
+        raise InputError("behavior 'random' takes no policy; use 'policy' or 'mixed'")
     if steps <= 0 or num_envs <= 0 or noise < 0:
-        raise ValueError(f"steps and num_envs must be positive and noise >= 0, got steps={steps}, "
+        raise InputError(f"steps and num_envs must be positive and noise >= 0, got steps={steps}, "
                          f"num_envs={num_envs}, noise={noise}")
     actor = None
     if policy is not None:
@@ -235,7 +235,7 @@ def rollout_env(
         obs_dim = int(np.prod(envs[0].observation_space.shape))
         expected = getattr(actor, "hparams", {}).get("obs_dim") if actor is not None else None
         if expected is not None and expected != obs_dim:
-            raise ValueError(f"{policy}: the policy takes observations of size {expected}, but {task_id} "
+            raise InputError(f"{policy}: the policy takes observations of size {expected}, but {task_id} "
                              f"gives {obs_dim}")
         with torch.random.fork_rng(), tqdm(total=steps, desc=f"collect {task_id} ({behavior})", unit="step",
                                            disable=not progress) as bar:
@@ -339,7 +339,7 @@ def collect(
     options = {"num_envs": num_envs} if num_envs is not None else {}
     if task_id == pr.ENV_ID:
         if policy is not None:
-            raise ValueError(f"collect: {pr.ENV_ID} is collected with its scripted behaviours {BEHAVIORS}; "
+            raise InputError(f"collect: {pr.ENV_ID} is collected with its scripted behaviours {BEHAVIORS}; "
                              "--policy applies to simulator tasks")
     else:
         options.update(policy=policy, noise=noise)

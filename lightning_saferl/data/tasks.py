@@ -26,7 +26,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Optional
 
-from lightning_saferl.errors import UnknownNameError
+from lightning_saferl.errors import InputError, UnknownNameError
 
 __all__ = ["TaskSpec", "TASKS", "get_task", "task_ids", "dsrl_task_ids", "DSRL_URL_BASE", "DSRL_COST_LIMIT",
            "DEFAULT_COST_LIMITS"]
@@ -76,7 +76,7 @@ class TaskSpec:
 
     def _reward_range(self) -> float:
         if not self.has_reference_scores:
-            raise ValueError(f"task {self.task_id!r} has no DSRL reference scores (reward_min/reward_max); "
+            raise InputError(f"task {self.task_id!r} has no DSRL reference scores (reward_min/reward_max); "
                              "normalized returns and DSRL reward scaling are undefined for it")
         return float(self.reward_max) - float(self.reward_min)
 
@@ -89,7 +89,7 @@ class TaskSpec:
         """(C + e) / (limit + e) with e = 1 only when limit == 0; ``limit`` defaults to ``cost_limit``."""
         limit = self.cost_limit if limit is None else float(limit)
         if limit < 0:
-            raise ValueError(f"cost limit must be >= 0, got {limit}")
+            raise InputError(f"cost limit must be >= 0, got {limit}")
         eps = 1.0 if limit == 0 else 0.0
         return (episode_cost + eps) / (limit + eps)
 

@@ -11,6 +11,7 @@ from gymnasium.envs.registration import registry
 from lightning_saferl.data.tasks import dsrl_task_ids
 from lightning_saferl.envs.point_robot import ENV_ID as POINT_ROBOT_ID
 from lightning_saferl.envs.point_robot import MAX_EPISODE_STEPS, PointRobotEnv
+from lightning_saferl.errors import InputError
 
 if POINT_ROBOT_ID not in registry:
     gymnasium.register(
@@ -39,7 +40,7 @@ def make_env(task_id: str, **kwargs: Any) -> gymnasium.Env:
     try:
         factory = ENV_FACTORIES[task_id]
     except KeyError:
-        raise ValueError(
+        raise InputError(
             f"make_env: no environment factory for task {task_id!r}; available: {sorted(ENV_FACTORIES)}"
         ) from None
     return factory(**kwargs)

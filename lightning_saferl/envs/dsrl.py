@@ -38,6 +38,7 @@ import gymnasium
 import numpy as np
 
 from lightning_saferl.data.tasks import TaskSpec, get_task
+from lightning_saferl.errors import InputError
 
 __all__ = ["DSRLEnv", "make_dsrl_env", "simulator_env_id", "require_simulator", "patch_safety_gymnasium",
            "SimulatorNotInstalledError", "INSTALL_COMMANDS", "SIMULATOR_MODULES"]
@@ -104,7 +105,7 @@ def require_simulator(simulator: str) -> None:
     try:
         module = SIMULATOR_MODULES[simulator]
     except KeyError:
-        raise ValueError(f"unknown simulator {simulator!r}; known: {sorted(SIMULATOR_MODULES)}") from None
+        raise InputError(f"unknown simulator {simulator!r}; known: {sorted(SIMULATOR_MODULES)}") from None
     try:
         _import_simulator(module)
     except ImportError as err:
@@ -173,7 +174,7 @@ class DSRLEnv(gymnasium.Env):
 
     def __init__(self, env: Any, task_id: str, max_episode_steps: int, seed_numpy_global: bool = False):
         if max_episode_steps < 1:
-            raise ValueError(f"{task_id}: max_episode_steps must be >= 1, got {max_episode_steps}")
+            raise InputError(f"{task_id}: max_episode_steps must be >= 1, got {max_episode_steps}")
         self.env = env
         self.task_id = task_id
         self.max_episode_steps = int(max_episode_steps)
@@ -185,7 +186,7 @@ class DSRLEnv(gymnasium.Env):
         self.action_space = gymnasium.spaces.Box(-1.0, 1.0, shape=act_space.shape, dtype=np.float32)
         low, high = np.asarray(act_space.low, np.float64), np.asarray(act_space.high, np.float64)
         if not (np.isfinite(low).all() and np.isfinite(high).all()):
-            raise ValueError(f"{task_id}: the simulator's action bounds must be finite to map [-1, 1] onto them, "
+            raise InputError(f"{task_id}: the simulator's action bounds must be finite to map [-1, 1] onto them, "
                              f"got low={low}, high={high}")
         self._rescale = not (np.all(low == -1.0) and np.all(high == 1.0))
         self._low, self._high = low, high
@@ -273,7 +274,7 @@ def make_dsrl_env(task_id: str, use_dsrl: Optional[bool] = None) -> DSRLEnv:
     """
     spec = get_task(task_id)
     if not spec.is_dsrl:
-        raise ValueError(f"make_dsrl_env: {task_id!r} is not a DSRL task")
+        raise InputError(f"make_dsrl_env: {task_id!r} is not a DSRL task")
     require_simulator(spec.simulator)
     if spec.simulator == "safety_gymnasium":
         patch_safety_gymnasium()

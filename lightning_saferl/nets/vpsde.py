@@ -28,13 +28,15 @@ from typing import Callable, Optional
 
 import torch
 
+from lightning_saferl.errors import InputError
+
 
 class VPSDE:
     """The linear VP-SDE schedule; all methods are closed-form functions of a time tensor t."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
         if not 0 < beta_min < beta_max:
-            raise ValueError(f"VPSDE needs 0 < beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+            raise InputError(f"VPSDE needs 0 < beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
@@ -70,7 +72,7 @@ class VPSDE:
                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """steps + 1 decreasing times from t_max to t_min, uniform in lambda."""
         if steps < 1 or not 0 < t_min < t_max <= 1:
-            raise ValueError(f"time_grid needs steps >= 1 and 0 < t_min < t_max <= 1, got steps={steps}, "
+            raise InputError(f"time_grid needs steps >= 1 and 0 < t_min < t_max <= 1, got steps={steps}, "
                              f"t_min={t_min}, t_max={t_max}")
         ends = self.lam(torch.tensor([t_max, t_min], dtype=torch.float64))
         grid = self.t_of_lambda(torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64))
@@ -85,7 +87,7 @@ class VPSDE:
         """Solve the probability-flow ODE from x_1 ~ N(0, I) to t_min (module docstring);
         eps_fn(x, t_batch) predicts the noise, t_batch of shape (shape[0],)."""
         if order not in (1, 2):
-            raise ValueError(f"VPSDE.sample: order must be 1 or 2, got {order}")
+            raise InputError(f"VPSDE.sample: order must be 1 or 2, got {order}")
         grid = self.time_grid(steps, t_min)
         lam, alpha, sigma = self.lam(grid), self.alpha(grid), self.sigma(grid)
         x = torch.randn(shape, device=device, dtype=dtype, generator=generator)
