@@ -152,3 +152,19 @@ def test_unknown_options_are_errors_naming_them(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("lightning-saferl fit: error:") and name in err and "\n" not in err
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_bad_values_in_modules_and_commands_are_one_line_errors(tmp_path, capsys):
+    """Values checked inside the library (not by the argument parser) end as one line and exit 2, no traceback."""
+    for argv, name in ((["collect", "--out", str(tmp_path / "x.hdf5"), "--steps", "0"], "steps=0"),
+                       (["fit", "--model", "lightning_saferl.actors.FisorActor", "--model.init_args.obs_dim", "11",
+                         "--model.init_args.act_dim", "2", "--model.init_args.select_tolerance", "-1",
+                         "--trainer.default_root_dir", str(tmp_path)], "select_tolerance")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err
+        last = err.splitlines()[-1]  # after the seed's log line, the one-line error
+        assert last.startswith(f"lightning-saferl {argv[0]}: error:") and name in last
+    assert not (tmp_path / "x.hdf5").exists()

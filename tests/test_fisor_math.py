@@ -44,6 +44,14 @@ def test_fisor_weight_branches_and_clipping():
     # a lower clip of 0: the infeasible action worse than V_h keeps its small weight exp(5 (0.2 - 0.5))
     w0 = fisor_weights(v_h, q_h, q, v, infeasible_weight_min=0.0)
     assert w0[-1].item() == pytest.approx(math.exp(-1.5), rel=1e-5) and w0[:-1].tolist() == pytest.approx(expected[:-1])
+    # a feasibility margin of 0.25: V_h = -0.2 counts as infeasible (exp(5 (V_h - Q_h)), clipped to [1, 150]), and
+    # an action with Q_h = -0.2 at a state with V_h = -0.5 is no longer a safe one (weight 0)
+    v_h, q_h = torch.tensor([-0.2, -0.5, -0.5]), torch.tensor([-0.4, -0.2, -0.3])
+    q, v = torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0.0, 0.5, 0.5])
+    assert fisor_weights(v_h, q_h, q, v, feasibility_margin=0.25).tolist() == pytest.approx(
+        [math.exp(5 * 0.2), 0.0, math.exp(3 * 0.5)], rel=1e-5)
+    assert fisor_weights(v_h, q_h, q, v).tolist() == pytest.approx(
+        [math.exp(3 * 0.0), math.exp(3 * 0.5), math.exp(3 * 0.5)], rel=1e-5)
 
 
 def test_vp_schedule_forward_noising_and_reverse_step():

@@ -1,9 +1,11 @@
 """FISOR's actor: a DDPM noise-prediction policy trained by feasibility-weighted behaviour cloning.
 
     L = mean_b w_b ||eps_theta(a_k, k, s) - eps||^2,   a_k = sqrt(ab_k) a + sqrt(1 - ab_k) eps,
-    w = clip(exp(t_inf (V_h - Q_h)), w_inf_min, w_inf_max)   where V_h(s) > 0     (infeasible: least unsafe action)
-      = clip(exp(t_feas (Q - V)), 0, w_feas_max)     where V_h(s) <= 0, Q_h <= 0  (feasible, safe action)
+    w = clip(exp(t_inf (V_h - Q_h)), w_inf_min, w_inf_max)   where V_h(s) > -m     (infeasible: least unsafe action)
+      = clip(exp(t_feas (Q - V)), 0, w_feas_max)     where V_h(s) <= -m, Q_h <= -m  (feasible, safe action)
       = 0                                            otherwise.
+The feasibility margin m (``feasibility_margin``, the reference's is 0) tightens the constraint by m in h's units:
+near the boundary, where the critic's level set is least exact, states count as infeasible.
 The critics are frozen, so w is computed once over the dataset before training. The reference clips the infeasible
 weights below at w_inf_min = 1: every action worse than V_h (most of them, V_h being a low expectile of Q_h) then
 weighs 1, and where Q_h spreads over a few tenths (PointRobot's h is a distance) the infeasible states are plainly
@@ -28,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_saferl.base import SafeRLModule
 from lightning_saferl.critics import FeasibilityCritic, RewardCritic
+from lightning_saferl.errors import InputError
 from lightning_saferl.nets import DDPMSchedule, NoiseResNet, polyak_update
 from lightning_saferl.policy import resolve_critic
 
@@ -40,9 +43,9 @@ def ema_rate(update: int, ema_tau: float, warmup: bool = True) -> float:
 def fisor_weights(v_h: torch.Tensor, q_h: torch.Tensor, q: torch.Tensor, v: torch.Tensor,
                   infeasible_temperature: float = 5.0, infeasible_weight_max: float = 150.0,
                   feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0,
-                  infeasible_weight_min: float = 1.0) -> torch.Tensor:
-    infeasible = v_h > 0
-    safe_action = ~infeasible & (q_h <= 0)
+                  infeasible_weight_min: float = 1.0, feasibility_margin: float = 0.0) -> torch.Tensor:
+    infeasible = v_h > -feasibility_margin
+    safe_action = ~infeasible & (q_h <= -feasibility_margin)
     w_infeasible = torch.exp(infeasible_temperature * (v_h - q_h)).clamp(infeasible_weight_min, infeasible_weight_max)
     w_safe = torch.exp(feasible_temperature * (q - v)).clamp(0, feasible_weight_max)
     return torch.where(infeasible, w_infeasible, torch.where(safe_action, w_safe, torch.zeros_like(q)))
@@ -67,12 +70,12 @@ class FisorActor(SafeRLModule):
                  num_candidates: int = 16, select: Literal["min_qh", "max_q"] = "min_qh",
                  select_tolerance: float = 0.0, select_clearance: float = 0.0,
                  infeasible_temperature: float = 5.0, infeasible_weight_max: float = 150.0,
-                 infeasible_weight_min: float = 1.0,
+                 infeasible_weight_min: float = 1.0, feasibility_margin: float = 0.0,
                  feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0,
                  weight_batch_size: int = 65536, compile: bool = False):
         super().__init__()
         if select_tolerance < 0 or select_clearance < 0:
-            raise ValueError(f"FisorActor: select_tolerance and select_clearance must be >= 0, got "
+            raise InputError(f"FisorActor: select_tolerance and select_clearance must be >= 0, got "
                              f"{select_tolerance}, {select_clearance}")
         self.save_hyperparameters(ignore=["feasibility_critic", "reward_critic"])
         self.lr, self.cosine_decay_steps = lr, cosine_decay_steps
@@ -105,7 +108,7 @@ class FisorActor(SafeRLModule):
     # -- training ------------------------------------------------------------------------------------
     def compute_sample_weights(self, data) -> torch.Tensor:
         if self.feasibility_critic is None or self.reward_critic is None:
-            raise ValueError("FisorActor needs trained critics: pass feasibility_critic and reward_critic "
+            raise InputError("FisorActor needs trained critics: pass feasibility_critic and reward_critic "
                              "(modules or checkpoint paths).")
         h = self.hparams
         chunks = []
@@ -116,7 +119,7 @@ class FisorActor(SafeRLModule):
                 self.feasibility_critic.value(obs), self.feasibility_critic.q_value(obs, act),
                 self.reward_critic.q_value(obs, act), self.reward_critic.value(obs),
                 h.infeasible_temperature, h.infeasible_weight_max, h.feasible_temperature, h.feasible_weight_max,
-                h.get("infeasible_weight_min", 1.0)))
+                h.get("infeasible_weight_min", 1.0), h.get("feasibility_margin", 0.0)))
         weights = torch.cat(chunks)
         rank_zero_info(f"FisorActor weights over {len(weights)} transitions: mean {weights.mean():.3f}, "
                        f"zero {(weights == 0).float().mean():.1%}")
@@ -177,11 +180,11 @@ class FisorActor(SafeRLModule):
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         if self.hparams.num_candidates > 1:
             if self.hparams.select == "min_qh" and self.feasibility_critic is None:
-                raise ValueError("select='min_qh' needs a feasibility critic")
+                raise InputError("select='min_qh' needs a feasibility critic")
             if self.hparams.select != "min_qh" and self.reward_critic is None:
-                raise ValueError("select='max_q' needs a reward critic")
+                raise InputError("select='max_q' needs a reward critic")
             if self.hparams.get("select_tolerance", 0.0) > 0 and self.reward_critic is None:
-                raise ValueError("select_tolerance > 0 needs a reward critic")
+                raise InputError("select_tolerance > 0 needs a reward critic")
         return self._compiled("act", self._act, obs.device)(obs).clone()  # clone: CUDA-graph outputs are reused
 
     def _act(self, obs: torch.Tensor) -> torch.Tensor:
