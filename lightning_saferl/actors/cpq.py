@@ -101,7 +101,7 @@ class CPQ(CostLimitedModule):
             ood = self.ood_mask(obs_rep, ood_actions)
         q_r, q_c = self.critic(obs, actions), self.cost_critic(obs, actions)
         # E_ood[Q_c,i] per member: the mean over the OOD samples (OSRL averages over all n B samples, so the
-        # dual ascent drove the OOD samples' Q_c to qc_thres / (1 - ood_quantile), 6 q_thres)
+        # dual ascent drove the OOD samples' Q_c to qc_thres / (1 - ood_quantile) = 4 qc_thres)
         qc_ood = (self.cost_critic(obs_rep, ood_actions) * ood).sum(1) / ood.sum().clamp(min=1.0)
         alpha = self._alpha(qc_threshold - qc_ood.detach().min())
 

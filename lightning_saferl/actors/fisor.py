@@ -1,11 +1,11 @@
 """FISOR's actor: a DDPM noise-prediction policy trained by feasibility-weighted behaviour cloning.
 
     L = mean_b w_b ||eps_theta(a_k, k, s) - eps||^2,   a_k = sqrt(ab_k) a + sqrt(1 - ab_k) eps,
-    w = clip(exp(t_inf (V_h - Q_h)), w_inf_min, w_inf_max)   where V_h(s) > -m     (infeasible: least unsafe action)
-      = clip(exp(t_feas (Q - V)), 0, w_feas_max)     where V_h(s) <= -m, Q_h <= -m  (feasible, safe action)
+    w = clip(exp(t_inf (V_h - Q_h)), w_inf_min, w_inf_max)   where V_h(s) > -delta   (infeasible: least unsafe action)
+      = clip(exp(t_feas (Q - V)), 0, w_feas_max)     where V_h(s) <= -delta, Q_h <= -delta  (feasible, safe action)
       = 0                                            otherwise.
-The feasibility margin m (``feasibility_margin``, the reference's is 0) tightens the constraint by m in h's units:
-near the boundary, where the critic's level set is least exact, states count as infeasible.
+The feasibility margin delta (``feasibility_margin``, the reference's is 0) tightens the constraint by delta in h's
+units: near the boundary, where the critic's level set is least exact, states count as infeasible.
 The critics are frozen, so w is computed once over the dataset before training. The reference clips the infeasible
 weights below at w_inf_min = 1: every action worse than V_h (most of them, V_h being a low expectile of Q_h) then
 weighs 1, and where Q_h spreads over a few tenths (PointRobot's h is a distance) the infeasible states are plainly
