@@ -206,19 +206,23 @@ def _bandit():
     return columns(obs, actions, costs.clone(), costs, torch.zeros(n))
 
 
-def _coptidice(limit: float, data: dict):
+def _coptidice(limit: float, data: dict, **kwargs) -> COptiDICE:
     torch.manual_seed(0)
     # discount 0 and one-step episodes: d_pi = p0 pi, so E_D[w] = 1 and the constraint is E_D[w c] <= limit
-    model = COptiDICE(11, 2, lr=1e-2, cost_limit=limit, max_episode_steps=1, discount=0.0, **TINY)
+    model = COptiDICE(11, 2, lr=1e-2, cost_limit=limit, max_episode_steps=1, discount=0.0, **TINY, **kwargs)
     model.initial, model.initial_fraction = torch.ones(len(data["rewards"])), 1.0
+    model.initial_observations = data["observations"]
     model.obs_std, model.act_std = data["observations"].std(0), data["actions"].std(0)
-    train(model, batches(data, 128), 250)
+    return train(model, batches(data, 128), 250)
+
+
+def _weights(model: COptiDICE, data: dict) -> torch.Tensor:
     return model.weights({**data, "index": torch.arange(len(data["rewards"]))})
 
 
 def test_coptidice_weights_are_normalised_and_follow_the_cost_limit():
     data = _bandit()
-    loose, tight = _coptidice(0.9, data), _coptidice(0.1, data)
+    loose, tight = _weights(_coptidice(0.9, data), data), _weights(_coptidice(0.1, data), data)
     for w in (loose, tight):
         assert (w >= 0).all()
         assert float(w.mean()) == pytest.approx(1.0, abs=0.2)
@@ -229,6 +233,28 @@ def test_coptidice_weights_are_normalised_and_follow_the_cost_limit():
     assert weighted_cost(loose) > 0.6  # loose: the rewarding, costly half is preferred
     assert weighted_cost(tight) < weighted_cost(loose) - 0.3, (weighted_cost(tight), weighted_cost(loose))
     assert weighted_cost(tight) < 0.3
+
+
+def test_coptidice_policy_cost_estimate_drives_lambda_where_the_dice_estimate_does_not():
+    """Data actions a_0 uniform on [-1, 1]; the middle band |a_0| < 0.3 costs 1 and earns nothing, the rest earns 1.
+    w keeps little mass in the band, so E_D[w c] is under the limit 0.5, but weighted BC of a unimodal policy puts
+    its mode between the two rewarding sides, in the band: the extracted policy pays ~1. lambda must follow that."""
+    gen = torch.Generator().manual_seed(0)
+    n = 512
+    obs = torch.randn(4, 11, generator=gen)[torch.arange(n) % 4]
+    actions = torch.rand(n, 2, generator=gen) * 2 - 1
+    costly = (actions[:, 0].abs() < 0.3).float()
+    data = columns(obs, actions, 1 - costly, costly, torch.zeros(n))
+    dice, policy = _coptidice(0.5, data, cost_ub_epsilon=0.0), _coptidice(0.5, data, cost_estimate="policy")
+    policy_cost = float((policy.act(obs[:4])[:, 0].abs() < 0.3).float().mean())
+    dice_cost = float((_weights(dice, data) * costly).mean())
+    assert policy_cost >= 0.75 and dice_cost < 0.1, (policy_cost, dice_cost)  # the gap the "policy" estimate closes
+    lambdas = float(dice.multiplier.detach()), float(policy.multiplier.detach())
+    assert lambdas[0] < 0.5 and lambdas[1] > 2.0, lambdas  # from softplus(1) = 1.31: fell / rose
+    # the cost critic learned the band (Q_c = c at discount 0), and below the limit lambda falls as before
+    q = policy.cost_critic(obs, actions).mean(0).detach()
+    assert float(q[costly == 1].mean()) > float(q[costly == 0].mean()) + 0.5
+    assert float(_coptidice(1.5, data, cost_estimate="policy").multiplier.detach()) < 0.5
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -23,12 +23,25 @@ the gradients of the dual tau log mean_b exp(ell / tau) + tau epsilon. lambda = 
 c_thres is E_d_pi[c] of a policy that spends the episode limit evenly over T steps: (1 - gamma) q_thres =
 limit (1 - gamma^T) / T, with q_thres of `cost_threshold`.
 
+cost_estimate = "policy" keeps that constraint but estimates it for the policy actually extracted, pi, instead of for
+w d_D: fitted Q evaluation of pi's mode (the action `act` takes) and its value at the data's episode starts s0,
+
+    y = c + gamma mask Q_c'(s', pi(s')),   L_Qc = sum_i mean_b (Q_c,i(s, a) - y)^2,
+    C_hat = (1 - gamma) mean_{s0} Q_c(s0, pi(s0))     (Q_c: member mean; Q_c': Polyak copy, rate critic_tau)
+
+with as many starts drawn per step as the batch has rows.
+
 Differences from OSRL: OSRL compares C_hat, a per-step average, with q_thres itself (a discounted sum, 1 / (1 - gamma)
 times larger); its chi loss also differentiates through the softmax weights k. One Adam optimiser; each loss above
-reaches only its own network or scalar.
+reaches only its own network or scalar. "policy" is not in the paper or OSRL (both use E_D[w c] or its upper bound);
+why it exists, measured on PointRobot (configs/baselines/coptidice_point_robot.yaml): w all but removes the costly
+transitions themselves (w ~ exp(-lambda c / alpha) there), which the extracted policy does not reproduce: E_D[w c]
+stayed below the tight limit's target for most of training (and fell to ~0 as lambda grew) while the extracted policy
+paid ~3 per episode, so lambda did not rise at the tight limit and the policy did not respond to the limit.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Literal, Optional, Sequence
 
@@ -37,7 +50,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_saferl.actors.bcq_lag import CostLimitedModule
-from lightning_saferl.nets import EnsembleMLP, TanhGaussianPolicy
+from lightning_saferl.nets import EnsembleMLP, QEnsemble, TanhGaussianPolicy, polyak_update
 
 
 def f_functions(name: str):
@@ -76,8 +89,10 @@ class COptiDICE(CostLimitedModule):
         cost_limit: episode cost limit; max_episode_steps: its T (default: the datamodule's).
         reward_scale: rewards are multiplied by it (OSRL's reward_scale).
         alpha: weight of the f-divergence; f_divergence: "softchi", "chi2" or "kl".
-        cost_ub_epsilon: KL radius of the cost upper bound (0: plain E_D[w c]).
+        cost_ub_epsilon: KL radius of the cost upper bound (0: plain E_D[w c]); "dice" estimate only.
         bc_noise: std of the BC input noise, as a fraction of the data's per-dimension std.
+        cost_estimate: what lambda compares with the limit: "dice" (C_hat, the paper's and OSRL's) or "policy"
+            (the extracted policy's cost value by fitted Q evaluation, module docstring); critic_tau: its Polyak rate.
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256),
@@ -85,20 +100,26 @@ class COptiDICE(CostLimitedModule):
                  cost_limit: float = 10.0, max_episode_steps: Optional[int] = None, discount: float = 0.99,
                  reward_scale: float = 1.0,
                  alpha: float = 0.5, f_divergence: Literal["softchi", "chi2", "kl"] = "softchi",
-                 cost_ub_epsilon: float = 0.01, bc_noise: float = 0.1):
+                 cost_ub_epsilon: float = 0.01, bc_noise: float = 0.1,
+                 cost_estimate: Literal["dice", "policy"] = "dice", critic_tau: float = 0.005):
         super().__init__()
         self.f, self.f_prime_inverse = f_functions(f_divergence)
         if cost_ub_epsilon < 0 or alpha <= 0:
             raise ValueError(f"COptiDICE: need alpha > 0 and cost_ub_epsilon >= 0, got {alpha}, {cost_ub_epsilon}")
+        if cost_estimate not in ("dice", "policy"):
+            raise ValueError(f"COptiDICE: cost_estimate must be 'dice' or 'policy', got {cost_estimate!r}")
         self.save_hyperparameters()
         self.lr = lr
         self.policy = TanhGaussianPolicy(obs_dim, act_dim, tuple(hidden_dims))
         self.nu = StateValue(obs_dim, critic_hidden_dims, num_nu)
         self.lambda_raw = nn.Parameter(torch.ones(()))  # softplus(1) = 1.31, OSRL's start
-        if cost_ub_epsilon > 0:  # the upper bound's chi and tau (no unused parameters otherwise, e.g. under DDP)
+        if cost_estimate == "policy":  # no unused parameters (e.g. under DDP): chi and tau only for the upper bound
+            self.cost_critic = QEnsemble(obs_dim, act_dim, tuple(critic_hidden_dims), 2)
+            self.cost_critic_target = copy.deepcopy(self.cost_critic).requires_grad_(False)
+        elif cost_ub_epsilon > 0:
             self.chi = StateValue(obs_dim, critic_hidden_dims, num_chi)
             self.tau_raw = nn.Parameter(torch.ones(()))
-        self.initial = self.obs_std = self.act_std = None
+        self.initial = self.initial_observations = self.obs_std = self.act_std = None
         self.initial_fraction = 1.0
 
     @property
@@ -110,11 +131,13 @@ class COptiDICE(CostLimitedModule):
         self.set_data_statistics(self.dataset().to(self.device))
 
     def set_data_statistics(self, data) -> None:
-        """Episode starts (first rows of episodes), their fraction, and the per-dimension stds for the BC noise."""
+        """Episode starts (first rows of episodes), their fraction and observations, and the per-dimension stds for
+        the BC noise."""
         episode = data.episode_index()
         self.initial = torch.ones_like(data.rewards)
         self.initial[1:] = (episode[1:] != episode[:-1]).to(data.rewards.dtype)
         self.initial_fraction = float(self.initial.mean())
+        self.initial_observations = data.observations[self.initial.bool()]
         self.obs_std, self.act_std = data.observations.std(0), data.actions.std(0)
 
     def weights(self, batch: dict) -> torch.Tensor:
@@ -137,8 +160,17 @@ class COptiDICE(CostLimitedModule):
         nu_s, e, w = self._advantage_and_weight(batch)
         losses = {"nu_loss": (1 - h.discount) * (init * nu_s).mean() + (w * e - h.alpha * self.f(w)).mean()}
         w = w.detach()
-        extras = {"w_mean": w.mean(), "lambda": self.multiplier.detach()}
-        if h.cost_ub_epsilon > 0:
+        extras = {"w_mean": w.mean(), "lambda": self.multiplier.detach(), "dice_cost": (w * costs).mean()}
+        if h.cost_estimate == "policy":
+            with torch.no_grad():
+                next_obs = batch["next_observations"]
+                y = costs + h.discount * mask * self.cost_critic_target(next_obs, self.policy.mode(next_obs)).mean(0)
+            losses["cost_critic_loss"] = (self.cost_critic(obs, actions) - y).square().mean(1).sum()
+            with torch.no_grad():  # (1 - gamma) E_{s0 ~ p0} Q_c(s0, pi(s0)) over as many episode starts as the batch
+                starts = self.initial_observations[torch.randint(len(self.initial_observations), (len(obs),),
+                                                                 device=obs.device)]
+                cost_estimate = (1 - h.discount) * self.cost_critic(starts, self.policy.mode(starts)).mean()
+        elif h.cost_ub_epsilon > 0:
             tau = F.softplus(self.tau_raw)
             chi_s, chi_next = self.chi(obs), self.chi(batch["next_observations"])
             ell = (1 - h.discount) * init * chi_s + w * (costs + h.discount * mask * chi_next - chi_s)
@@ -158,6 +190,10 @@ class COptiDICE(CostLimitedModule):
         losses["policy_loss"] = -(w * self.policy.log_prob(noisy_obs, noisy_actions)).mean()
         extras["cost_estimate"] = cost_estimate
         return losses, extras
+
+    def after_optimizer_step(self) -> None:
+        if self.hparams.cost_estimate == "policy":
+            polyak_update(self.cost_critic_target, self.cost_critic, self.hparams.critic_tau)
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
