@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_saferl.base import SafeRLModule
+from lightning_saferl.errors import InputError
 from lightning_saferl.nets import DeterministicPolicy, TanhGaussianPolicy
 
 
@@ -52,7 +53,7 @@ class BCSafe(BCAll):
         safe_episode = data.episode_costs() <= self.hparams.cost_limit
         weights = safe_episode[data.episode_index()].to(data.observations.dtype)
         if weights.sum() == 0:
-            raise ValueError(f"BCSafe: no episode has total cost <= {self.hparams.cost_limit}; "
+            raise InputError(f"BCSafe: no episode has total cost <= {self.hparams.cost_limit}; "
                              "raise cost_limit or use BCAll.")
         rank_zero_info(f"BCSafe keeps {int(weights.sum())}/{len(weights)} transitions "
                    f"({int(safe_episode.sum())}/{len(safe_episode)} episodes)")

@@ -31,13 +31,14 @@ import torch
 from torch import nn
 
 from lightning_saferl.base import SafeRLModule
+from lightning_saferl.errors import InputError
 from lightning_saferl.nets import MLP, QEnsemble, polyak_update
 
 
 def cost_threshold(cost_limit: float, discount: float, horizon: int) -> float:
     """Per-step Q threshold of an episode cost limit (OSRL's qc_thres): limit (1 - gamma^T) / ((1 - gamma) T)."""
     if horizon <= 0:
-        raise ValueError(f"episode length T must be > 0, got {horizon}")
+        raise InputError(f"episode length T must be > 0, got {horizon}")
     if discount == 1.0:
         return float(cost_limit)
     return cost_limit * (1.0 - discount ** horizon) / ((1.0 - discount) * horizon)
@@ -50,7 +51,7 @@ def episode_steps(module: SafeRLModule, given: Optional[int]) -> int:
     datamodule = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
     horizon = getattr(datamodule, "max_episode_steps", None)
     if horizon is None:
-        raise ValueError(f"{type(module).__name__}: episode length unknown; pass max_episode_steps=T or fit with an "
+        raise InputError(f"{type(module).__name__}: episode length unknown; pass max_episode_steps=T or fit with an "
                          "OfflineDataModule")
     return int(horizon)
 
@@ -168,7 +169,7 @@ class BCQLag(CostLimitedModule):
                  vae_beta: float = 0.5, num_samples: int = 10, pid: Sequence[float] = (0.1, 0.003, 0.001)):
         super().__init__()
         if len(pid) != 3:
-            raise ValueError(f"BCQLag: pid must be (K_P, K_I, K_D), got {pid!r}")
+            raise InputError(f"BCQLag: pid must be (K_P, K_I, K_D), got {pid!r}")
         self.save_hyperparameters()
         self.lr = lr
         self.vae = ActionVAE(obs_dim, act_dim, vae_hidden_dim)

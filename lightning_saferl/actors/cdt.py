@@ -62,7 +62,7 @@ class CDT(SafeRLModule):
                  target_return: float = 300.0, target_cost: float = 10.0):
         super().__init__()
         if sequence_length < 1 or embedding_dim % num_heads:
-            raise ValueError(f"CDT: need sequence_length >= 1 and embedding_dim divisible by num_heads, got "
+            raise InputError(f"CDT: need sequence_length >= 1 and embedding_dim divisible by num_heads, got "
                              f"{sequence_length}, {embedding_dim}, {num_heads}")
         self.save_hyperparameters()
         self.lr = lr
@@ -119,7 +119,7 @@ class CDT(SafeRLModule):
 
     def losses(self, batch: dict):
         if batch["observations"].dim() != 3:
-            raise ValueError("CDT trains on windows: set the data module's sequence_length "
+            raise InputError("CDT trains on windows: set the data module's sequence_length "
                              f"(data.sequence_length: {self.hparams.sequence_length})")
         real = batch["padding_mask"].to(batch["actions"].dtype)
         predicted, cost_logits = self(batch["observations"], batch["actions"], batch["returns_to_go"],

@@ -50,6 +50,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_saferl.actors.bcq_lag import CostLimitedModule
+from lightning_saferl.errors import InputError
 from lightning_saferl.nets import EnsembleMLP, QEnsemble, TanhGaussianPolicy, polyak_update
 
 
@@ -66,7 +67,7 @@ def f_functions(name: str):
              "kl": (lambda x: x * torch.log(x.clamp(min=1e-10)), lambda y: torch.exp(y - 1)),
              "softchi": (soft_chi, soft_chi_inverse)}
     if name not in table:
-        raise ValueError(f"unknown f-divergence {name!r}; choose one of {sorted(table)}")
+        raise InputError(f"unknown f-divergence {name!r}; choose one of {sorted(table)}")
     return table[name]
 
 
@@ -105,9 +106,9 @@ class COptiDICE(CostLimitedModule):
         super().__init__()
         self.f, self.f_prime_inverse = f_functions(f_divergence)
         if cost_ub_epsilon < 0 or alpha <= 0:
-            raise ValueError(f"COptiDICE: need alpha > 0 and cost_ub_epsilon >= 0, got {alpha}, {cost_ub_epsilon}")
+            raise InputError(f"COptiDICE: need alpha > 0 and cost_ub_epsilon >= 0, got {alpha}, {cost_ub_epsilon}")
         if cost_estimate not in ("dice", "policy"):
-            raise ValueError(f"COptiDICE: cost_estimate must be 'dice' or 'policy', got {cost_estimate!r}")
+            raise InputError(f"COptiDICE: cost_estimate must be 'dice' or 'policy', got {cost_estimate!r}")
         self.save_hyperparameters()
         self.lr = lr
         self.policy = TanhGaussianPolicy(obs_dim, act_dim, tuple(hidden_dims))

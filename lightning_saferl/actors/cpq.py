@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 import torch
 
 from lightning_saferl.actors.bcq_lag import ActionVAE, CostLimitedModule, frozen_call
+from lightning_saferl.errors import InputError
 from lightning_saferl.nets import QEnsemble, TanhGaussianPolicy, polyak_update
 
 
@@ -60,7 +61,7 @@ class CPQ(CostLimitedModule):
                  vae_beta: float = 0.5):
         super().__init__()
         if not 0 <= ood_quantile < 1:
-            raise ValueError(f"CPQ: ood_quantile must be in [0, 1), got {ood_quantile}")
+            raise InputError(f"CPQ: ood_quantile must be in [0, 1), got {ood_quantile}")
         self.save_hyperparameters()
         self.lr = lr
         self.vae = ActionVAE(obs_dim, act_dim, vae_hidden_dim)
