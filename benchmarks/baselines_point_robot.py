@@ -12,7 +12,8 @@ method -> {limit_tight, limit_loose, cost_tight, cost_loose, return_tight, retur
 cost_std_loose, cost_max_seed_tight, cost_max_seed_loose, seeds}, plus minutes. CDT's training does not depend on
 the limit: it is trained once per seed (recipe at the tight limit) and evaluated at target costs tight, their mean
 and loose (its tight / loose rows); ``cdt_target_costs`` and ``cdt_realised_costs`` (mean episode cost over seeds)
-list the three. Re-running on the same run_dir reuses finished runs.
+list the three. Re-running on the same run_dir reuses a finished run only when its recipe and arguments are
+unchanged (a changed stage retrains).
 
 Limits 3 and 10, from the data (1517 episodes, 71% cost-free, mean episode cost 4.6; the behaviour's discounted
 cost-to-go averages 1.53 over dataset states). A limit L becomes the Q threshold 0.317 L (gamma 0.99, T 300): at 3
@@ -34,11 +35,12 @@ import torch
 import yaml
 
 from lightning_saferl.data.tasks import get_task
-from lightning_saferl.pipeline import build_parser, evaluate, print_table, run_pipeline
+from lightning_saferl.pipeline import build_parser, evaluate, print_table, run_pipeline, stage_conflicts
 from lightning_saferl.policy import load_policy
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "baselines"
 METHODS = ("bcq_lag", "cpq", "coptidice", "cdt")
+KEY_FILE = "benchmark_key.txt"  # the recipe and arguments a run's summary was made with
 
 
 def recipe(method: str, limit: float, steps: int | None) -> dict:
@@ -53,39 +55,62 @@ def recipe(method: str, limit: float, steps: int | None) -> dict:
 
 
 def run(method: str, limit: float, seed: int, args) -> dict:
+    """One pipeline run in its own directory. Its summary is reused only when the recipe and the arguments are
+    those it was made with; otherwise the pipeline runs, retraining the stages whose config changed."""
     out = Path(args.run_dir) / method / f"limit{limit:g}" / f"seed{seed}"
+    argv = pipeline_argv(method, limit, seed, args, out)
+    key = json.dumps(argv) + (out / "recipe.yaml").read_text()
     summary_path = out / "run" / "summary.json"
-    if summary_path.exists():
+    if (summary := reused(out, summary_path, key)) is not None:
+        return summary
+    config = build_parser().parse_args(argv)
+    changed = stage_conflicts(config)
+    if changed:
+        print(f"[benchmark] {out}: retraining stages of a changed config: {changed}")
+        config = build_parser().parse_args(argv + ["--restart", *changed])
+    summary = run_pipeline(config)
+    (out / KEY_FILE).write_text(key)
+    return summary
+
+
+def reused(out: Path, summary_path: Path, key: str) -> dict | None:
+    """The summary at `summary_path` if the key recorded in `out` equals `key`, else None."""
+    key_path = out / KEY_FILE
+    if summary_path.exists() and key_path.exists() and key_path.read_text() == key:
         return json.loads(summary_path.read_text())
-    return run_pipeline(parsed(method, limit, seed, args, out))
+    return None
 
 
-def parsed(method: str, limit: float, seed: int, args, out: Path):
-    """The pipeline's config of one run in `out` (its recipe written there)."""
+def pipeline_argv(method: str, limit: float, seed: int, args, out: Path) -> list[str]:
+    """The pipeline's arguments for one run in `out` (its recipe written there)."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe(method, limit, args.steps), sort_keys=False))
-    return build_parser().parse_args(
-        ["--config", str(path), "--run_dir", str(out / "run"), "--seed_everything", str(seed),
-         "--evaluation.seed", str(args.eval_seed), "--evaluation.episodes", str(args.episodes),
-         "--trainer", json.dumps({"enable_progress_bar": False})] + (["--smoke"] if args.quick else []))
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe(method, limit, args.steps), sort_keys=False))
+    return ["--config", str(out / "recipe.yaml"), "--run_dir", str(out / "run"), "--seed_everything", str(seed),
+            "--evaluation.seed", str(args.eval_seed), "--evaluation.episodes", str(args.episodes),
+            "--trainer", json.dumps({"enable_progress_bar": False})] + (["--smoke"] if args.quick else [])
 
 
 def cdt_summaries(seed: int, targets: list[float], args) -> list[dict]:
-    """CDT trained once (recipe at targets[0]), evaluated at every target cost by the pipeline's evaluation."""
+    """CDT trained once (recipe at targets[0]), evaluated at every target cost by the pipeline's evaluation; an
+    evaluation is reused only for the same training recipe and arguments."""
     run("cdt", targets[0], seed, args)
-    checkpoint = Path(args.run_dir) / "cdt" / f"limit{targets[0]:g}" / f"seed{seed}" / "run" / "policy" / "model.ckpt"
+    trained = Path(args.run_dir) / "cdt" / f"limit{targets[0]:g}" / f"seed{seed}"
     summaries = []
     for target in targets:
-        path = Path(args.run_dir) / "cdt" / f"target{target:g}" / f"seed{seed}" / "summary.json"
-        if not path.exists():
-            cfg = parsed("cdt", target, seed, args, path.parent)
-            policy = load_policy(str(checkpoint))
+        out = Path(args.run_dir) / "cdt" / f"target{target:g}" / f"seed{seed}"
+        argv = pipeline_argv("cdt", target, seed, args, out)
+        key = (trained / KEY_FILE).read_text() + json.dumps(argv) + (out / "recipe.yaml").read_text()
+        summary = reused(out, out / "summary.json", key)
+        if summary is None:
+            cfg = build_parser().parse_args(argv)
+            policy = load_policy(str(trained / "run" / "policy" / "model.ckpt"))
             policy.target_cost = target
+            summary = evaluate(policy, get_task(cfg.data.task), cfg)
             # config.yaml beside summary.json: `lightning-saferl table` counts the evaluation as a run at this limit
-            shutil.copy(path.parent / "recipe.yaml", path.parent / "config.yaml")
-            path.write_text(json.dumps(evaluate(policy, get_task(cfg.data.task), cfg)))
-        summaries.append(json.loads(path.read_text()))
+            shutil.copy(out / "recipe.yaml", out / "config.yaml")
+            (out / "summary.json").write_text(json.dumps(summary))
+            (out / KEY_FILE).write_text(key)
+        summaries.append(summary)
     return summaries
 
 

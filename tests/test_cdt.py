@@ -198,9 +198,8 @@ def test_sequence_length_mismatch_is_an_input_error(tmp_path, capsys):
     assert "data.sequence_length is 3, the model's sequence_length 5" in capsys.readouterr().err
 
 
-def test_benchmark_target_evaluations_are_table_rows(tmp_path, monkeypatch):
-    # benchmarks/baselines_point_robot.py trains CDT once and evaluates it at every target cost: each evaluation
-    # must be a run of `lightning-saferl table` at its target, so the table shows CDT beside the other methods
+def _small_benchmark(tmp_path, monkeypatch, embedding_dim=16):
+    """benchmarks/baselines_point_robot.py with CDT shrunk to a tiny file and network, and its arguments."""
     spec = importlib.util.spec_from_file_location("baselines_bench", CONFIGS.parents[1] / "benchmarks" /
                                                   "baselines_point_robot.py")
     bench = importlib.util.module_from_spec(spec)
@@ -212,12 +211,39 @@ def test_benchmark_target_evaluations_are_table_rows(tmp_path, monkeypatch):
         config = recipe(method, limit, steps)
         config["data"]["path"] = tiny
         config["stages"]["policy"]["data"]["batch_size"] = 16
-        config["stages"]["policy"]["model"]["init_args"].update(embedding_dim=16, num_heads=2)
+        config["stages"]["policy"]["model"]["init_args"].update(embedding_dim=embedding_dim, num_heads=2)
         return config
 
     monkeypatch.setattr(bench, "recipe", small)
-    args = argparse.Namespace(run_dir=str(tmp_path / "bench"), steps=None, episodes=2, eval_seed=2000, quick=True)
+    return bench, argparse.Namespace(run_dir=str(tmp_path / "bench"), steps=None, episodes=2, eval_seed=2000,
+                                     quick=True)
+
+
+def test_benchmark_target_evaluations_are_table_rows(tmp_path, monkeypatch):
+    # benchmarks/baselines_point_robot.py trains CDT once and evaluates it at every target cost: each evaluation
+    # must be a run of `lightning-saferl table` at its target, so the table shows CDT beside the other methods
+    bench, args = _small_benchmark(tmp_path, monkeypatch)
     summaries = bench.cdt_summaries(0, [3.0, 10.0], args)
     assert [s["cost_limit"] for s in summaries] == [3.0, 10.0]
     table = write_table([str(tmp_path / "bench")], str(tmp_path / "table"))
     assert [(r["algorithm"], r["cost_limit"], r["n"]) for r in table["rows"]] == [("cdt", 3.0, 1), ("cdt", 10.0, 1)]
+
+
+def test_benchmark_reuses_a_run_only_for_its_recipe(tmp_path, monkeypatch):
+    bench, args = _small_benchmark(tmp_path, monkeypatch)
+    bench.cdt_summaries(0, [3.0], args)
+    checkpoint = tmp_path / "bench" / "cdt" / "limit3" / "seed0" / "run" / "policy" / "model.ckpt"
+    trained_at = checkpoint.stat().st_mtime_ns
+
+    def no_more_work(*_args, **_kwargs):
+        raise AssertionError("a finished run of the same recipe was not reused")
+
+    monkeypatch.setattr(bench, "run_pipeline", no_more_work)
+    monkeypatch.setattr(bench, "evaluate", no_more_work)
+    bench.cdt_summaries(0, [3.0], args)  # same recipe: nothing trains or evaluates again
+
+    monkeypatch.undo()
+    bench, args = _small_benchmark(tmp_path, monkeypatch, embedding_dim=8)  # an edited recipe
+    bench.cdt_summaries(0, [3.0], args)
+    assert checkpoint.stat().st_mtime_ns != trained_at
+    assert load_policy(str(checkpoint)).hparams.embedding_dim == 8
