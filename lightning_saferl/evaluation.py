@@ -1,7 +1,9 @@
 """Batched episode evaluation of a Policy and the safety metrics reported for it.
 
 Protocol: episode ``i`` (0 <= i < N) is reset with ``seed + i`` and the metrics are computed over exactly
-those N episodes, whichever env instance ran them and in whatever order they finished. Up to ``num_envs``
+those N episodes, whichever env instance ran them and in whatever order they finished. A stochastic policy draws
+from torch's RNG seeded with ``seed + (first episode index)`` and restored afterwards, so the same runner gives the
+same figures for the same policy wherever it is called. Up to ``num_envs``
 episodes run at once; each step calls ``policy.act`` once on the stacked observations of all live episodes.
 
 Metrics over episodes (std is the population std, ddof = 0):
@@ -247,56 +249,60 @@ class EpisodeRunner:
             if contextual:
                 policy.reset([slot])
 
-        for slot in range(len(envs)):
-            start(slot)
-        bar = tqdm(total=len(indices), desc=f"rollout {self.task_id}", disable=not self.progress, leave=False)
-        try:
-            while True:
-                live = [s for s in range(len(envs)) if slot_pos[s] is not None]
-                if not live:
-                    break
-                obs = torch.from_numpy(np.stack([np.asarray(slot_obs[s], dtype=np.float32) for s in live]))
-                with torch.no_grad():
-                    actions = policy.act(obs.to(device), live) if contextual else policy.act(obs.to(device))
-                actions = actions.detach().float().cpu().numpy()
-                if actions.ndim != 2 or actions.shape[0] != len(live):
-                    raise ValueError(f"EpisodeRunner: policy.act returned shape {tuple(actions.shape)} for a batch "
-                                     f"of {len(live)} observations of shape {tuple(obs.shape[1:])}; expected "
-                                     f"({len(live)}, act_dim)")
-                received = np.zeros((2, len(live)), dtype=np.float32)  # reward, cost per row
-                finished = []
-                for row, s in enumerate(live):
-                    env = envs[s]
-                    action = actions[row]
-                    if isinstance(env.action_space, gym.spaces.Box):
-                        action = action.astype(env.action_space.dtype)
-                    slot_obs[s], reward, terminated, truncated, info = env.step(action)
-                    if "cost" not in info:
-                        raise KeyError(f"EpisodeRunner: env {self.task_id!r} returned no 'cost' in the step info "
-                                       f"(info keys: {sorted(info)}); evaluation needs envs that report "
-                                       "info['cost'] at every step")
-                    cost = float(info["cost"])
-                    received[:, row] = (float(reward), cost)
-                    acc[s, :4] += (float(reward), cost, 1.0, float(cost > 0))
-                    acc[s, 4] = float(bool(info.get("is_success", False)))
-                    ended = terminated or truncated or (
-                        self.max_episode_steps is not None and acc[s, 2] >= self.max_episode_steps)
-                    if ended:
-                        pos = slot_pos[s]
-                        result["index"][pos] = indices[pos]
-                        result["return"][pos], result["cost"][pos] = acc[s, 0], acc[s, 1]
-                        result["length"][pos], result["violations"][pos] = int(acc[s, 2]), int(acc[s, 3])
-                        result["success"][pos] = acc[s, 4]
-                        bar.update(1)
-                        slot_pos[s] = None
-                        finished.append(s)
-                if contextual:
-                    policy.observe(live, torch.from_numpy(received[0]).to(device),
-                                   torch.from_numpy(received[1]).to(device))
-                for s in finished:
-                    if next_pos < len(indices):
-                        start(s)
-        finally:
-            bar.close()
+        # the policy's own sampling (diffusion noise, VAE latents) is seeded too, in a forked RNG so that a rollout
+        # during training leaves the training stream as it was
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed + indices[0])
+            for slot in range(len(envs)):
+                start(slot)
+            bar = tqdm(total=len(indices), desc=f"rollout {self.task_id}", disable=not self.progress, leave=False)
+            try:
+                while True:
+                    live = [s for s in range(len(envs)) if slot_pos[s] is not None]
+                    if not live:
+                        break
+                    obs = torch.from_numpy(np.stack([np.asarray(slot_obs[s], dtype=np.float32) for s in live]))
+                    with torch.no_grad():
+                        actions = policy.act(obs.to(device), live) if contextual else policy.act(obs.to(device))
+                    actions = actions.detach().float().cpu().numpy()
+                    if actions.ndim != 2 or actions.shape[0] != len(live):
+                        raise ValueError(f"EpisodeRunner: policy.act returned shape {tuple(actions.shape)} for a batch "
+                                         f"of {len(live)} observations of shape {tuple(obs.shape[1:])}; expected "
+                                         f"({len(live)}, act_dim)")
+                    received = np.zeros((2, len(live)), dtype=np.float32)  # reward, cost per row
+                    finished = []
+                    for row, s in enumerate(live):
+                        env = envs[s]
+                        action = actions[row]
+                        if isinstance(env.action_space, gym.spaces.Box):
+                            action = action.astype(env.action_space.dtype)
+                        slot_obs[s], reward, terminated, truncated, info = env.step(action)
+                        if "cost" not in info:
+                            raise KeyError(f"EpisodeRunner: env {self.task_id!r} returned no 'cost' in the step info "
+                                           f"(info keys: {sorted(info)}); evaluation needs envs that report "
+                                           "info['cost'] at every step")
+                        cost = float(info["cost"])
+                        received[:, row] = (float(reward), cost)
+                        acc[s, :4] += (float(reward), cost, 1.0, float(cost > 0))
+                        acc[s, 4] = float(bool(info.get("is_success", False)))
+                        ended = terminated or truncated or (
+                            self.max_episode_steps is not None and acc[s, 2] >= self.max_episode_steps)
+                        if ended:
+                            pos = slot_pos[s]
+                            result["index"][pos] = indices[pos]
+                            result["return"][pos], result["cost"][pos] = acc[s, 0], acc[s, 1]
+                            result["length"][pos], result["violations"][pos] = int(acc[s, 2]), int(acc[s, 3])
+                            result["success"][pos] = acc[s, 4]
+                            bar.update(1)
+                            slot_pos[s] = None
+                            finished.append(s)
+                    if contextual:
+                        policy.observe(live, torch.from_numpy(received[0]).to(device),
+                                       torch.from_numpy(received[1]).to(device))
+                    for s in finished:
+                        if next_pos < len(indices):
+                            start(s)
+            finally:
+                bar.close()
         order = np.argsort(result["index"], kind="stable")
         return {k: v[order] for k, v in result.items()}
