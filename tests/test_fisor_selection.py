@@ -54,3 +54,34 @@ def test_band_needs_a_reward_critic_and_nonnegative_values(monkeypatch):
         actor.act(torch.zeros(3, 3))
     with pytest.raises(ValueError, match="select_tolerance and select_clearance must be >= 0"):
         FisorActor(obs_dim=3, act_dim=2, select_clearance=-0.1)
+
+
+class _CornerCritic(torch.nn.Module):
+    """Q_h(s, a) = distance from a to the corner (1, -1) minus 1, V_h(s) = obs[:, 0]."""
+
+    def q_value(self, obs, act):
+        return (act - act.new_tensor([1.0, -1.0])).norm(dim=-1) - 1.0
+
+    def value(self, obs):
+        return obs[:, 0]
+
+
+def test_uniform_proposals_reach_an_escape_the_candidates_miss_only_where_the_critic_flags(monkeypatch):
+    # candidates all near the centre; the safest action is the corner (1, -1), which they never propose
+    candidates = torch.tensor([[[0.0, 0.0], [0.1, -0.1], [-0.1, 0.1]]]).expand(2, 3, 2)
+    obs = torch.tensor([[0.1, 0.0, 0.0], [-0.5, 0.0, 0.0]])   # row 0 infeasible (V_h > -0.25), row 1 feasible
+
+    def chosen(**kwargs):
+        actor = FisorActor(obs_dim=3, act_dim=2, hidden_dim=16, num_blocks=1, num_candidates=3,
+                           feasibility_margin=0.25, **kwargs)
+        monkeypatch.setattr(actor, "sample_candidates", lambda obs, n: candidates)
+        actor.feasibility_critic = _CornerCritic()
+        torch.manual_seed(0)
+        return actor.act(obs)
+
+    reference, widened = chosen(), chosen(uniform_proposals=256)
+    assert torch.equal(reference, torch.tensor([[0.1, -0.1], [0.1, -0.1]]))  # lowest Q_h among the candidates
+    assert (widened[0] - torch.tensor([1.0, -1.0])).norm() < 0.2              # a uniform proposal near the corner
+    assert torch.equal(widened[1], reference[1])                              # feasible state: unchanged
+    with pytest.raises(ValueError, match="uniform_proposals must be >= 0 and needs select='min_qh'"):
+        FisorActor(obs_dim=3, act_dim=2, uniform_proposals=8, select="max_q")

@@ -15,6 +15,10 @@ Q). With ``select_tolerance`` d > 0 and ``select_clearance`` m >= 0 (select="min
     B = {c : Q_h(s, c) <= min_c' Q_h(s, c') + d  and  Q_h(s, c) <= -m},   the lowest-Q_h one where B is empty;
 d = 0 is the reference's rule. Far inside the feasible set Q_h is nearly flat over the candidates and the
 lowest Q_h is a draw biased to braking; there B holds them all and Q decides (see the recipe's comment).
+With ``uniform_proposals`` K > 0, where the critic calls the state infeasible (V_h(s) > -delta, the states whose
+target is the least unsafe action, argmin_a Q_h) the choice runs over the N candidates plus K actions uniform in
+[-1, 1]^act_dim: near a hazard the escape can be a narrow corner of the action box that the weighted cloning
+rarely proposes. K = 0 is the reference's rule.
 EMA after update k: ema <- (1 - tau_k) ema + tau_k net with tau_k = max(ema_tau, 9 / (10 + k)) (warm-up: the
 random initialisation is forgotten within the first updates, however short the run), or tau_k = ema_tau.
 """
@@ -68,7 +72,7 @@ class FisorActor(SafeRLModule):
                  lr: float = 3e-4, cosine_decay_steps: Optional[int] = None, ema_tau: float = 0.001,
                  ema_warmup: bool = True,
                  num_candidates: int = 16, select: Literal["min_qh", "max_q"] = "min_qh",
-                 select_tolerance: float = 0.0, select_clearance: float = 0.0,
+                 select_tolerance: float = 0.0, select_clearance: float = 0.0, uniform_proposals: int = 0,
                  infeasible_temperature: float = 5.0, infeasible_weight_max: float = 150.0,
                  infeasible_weight_min: float = 1.0, feasibility_margin: float = 0.0,
                  feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0,
@@ -77,6 +81,9 @@ class FisorActor(SafeRLModule):
         if select_tolerance < 0 or select_clearance < 0:
             raise InputError(f"FisorActor: select_tolerance and select_clearance must be >= 0, got "
                              f"{select_tolerance}, {select_clearance}")
+        if uniform_proposals < 0 or (uniform_proposals > 0 and select != "min_qh"):
+            raise InputError(f"FisorActor: uniform_proposals must be >= 0 and needs select='min_qh', got "
+                             f"{uniform_proposals} with select={select!r}")
         self.save_hyperparameters(ignore=["feasibility_critic", "reward_critic"])
         self.lr, self.cosine_decay_steps = lr, cosine_decay_steps
         self.net = NoiseResNet(obs_dim, act_dim, hidden_dim, num_blocks, dropout)
@@ -178,20 +185,37 @@ class FisorActor(SafeRLModule):
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
-        if self.hparams.num_candidates > 1:
+        if self.hparams.num_candidates > 1 or self.hparams.get("uniform_proposals", 0) > 0:
             if self.hparams.select == "min_qh" and self.feasibility_critic is None:
                 raise InputError("select='min_qh' needs a feasibility critic")
             if self.hparams.select != "min_qh" and self.reward_critic is None:
                 raise InputError("select='max_q' needs a reward critic")
             if self.hparams.get("select_tolerance", 0.0) > 0 and self.reward_critic is None:
                 raise InputError("select_tolerance > 0 needs a reward critic")
+        if self.hparams.get("uniform_proposals", 0) > 0:
+            return self._act_with_proposals(obs)
         return self._compiled("act", self._act, obs.device)(obs).clone()  # clone: CUDA-graph outputs are reused
 
     def _act(self, obs: torch.Tensor) -> torch.Tensor:
-        """N candidates per observation, keep the one with the lowest Q_h (select="min_qh"; with a tolerance, the
-        band rule of the module docstring) or highest Q."""
-        n = self.hparams.num_candidates
-        candidates = self.sample_candidates(obs, n)
+        """N candidates per observation, then `_choose`."""
+        return self._choose(obs, self.sample_candidates(obs, self.hparams.num_candidates))
+
+    def _act_with_proposals(self, obs: torch.Tensor) -> torch.Tensor:
+        """As `_act`, with K uniform proposals added to the candidates of critic-infeasible states (eager: the
+        flagged rows are data-dependent)."""
+        candidates = self.sample_candidates(obs, self.hparams.num_candidates)
+        flagged = self.feasibility_critic.value(obs) > -self.hparams.get("feasibility_margin", 0.0)
+        proposals = torch.rand(int(flagged.sum()), self.hparams.uniform_proposals, self.hparams.act_dim,
+                               device=obs.device, dtype=obs.dtype) * 2 - 1
+        actions = torch.empty_like(candidates[:, 0])
+        actions[~flagged] = self._choose(obs[~flagged], candidates[~flagged])
+        actions[flagged] = self._choose(obs[flagged], torch.cat((candidates[flagged], proposals), dim=1))
+        return actions
+
+    def _choose(self, obs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(B, obs_dim), (B, N, act_dim) -> (B, act_dim): the candidate with the lowest Q_h (select="min_qh"; with
+        a tolerance, the band rule of the module docstring) or the highest Q."""
+        n = candidates.shape[1]
         if n == 1:
             return candidates[:, 0]
         flat_obs, flat_act = repeat(obs, "b o -> (b n) o", n=n), rearrange(candidates, "b n a -> (b n) a")
