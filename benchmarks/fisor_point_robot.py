@@ -2,11 +2,12 @@
 
     python benchmarks/fisor_point_robot.py [--seeds 0 1 2] [--datasets mixed scarce] [--start_seed 0]
                                            [--run_dir benchmarks/out/fisor_point_robot] [--jobs 1] [--quick]
+                                           [--set stages.<stage>.<key>=<value> ...]
 
 Datasets (generated, data seed 0): ``mixed`` (the default data) and ``scarce`` (safe expert episodes <= 10 %;
-figures with the suffix ``_scarce``). For every dataset and seed S: the recipe configs/fisor/point_robot.yaml
-runs as a pipeline (``--seed_everything S --data.seed S``) in its own run directory, and BC-All / BC-Safe train
-with seed S. Per seed it measures:
+figures with the suffix ``_scarce``). For every dataset and seed S: the recipe configs/fisor/point_robot.yaml,
+with ``--set`` values on top (default `BENCHMARK_SETTINGS`), runs as a pipeline (``--seed_everything S
+--data.seed S``) in its own run directory, and BC-All / BC-Safe train with seed S. Per seed it measures:
   feasible_region_iou, shadow_recall, false_infeasible_rate   the critic's {V_h <= 0} against the oracle on the
                                  (v, theta) grid slices; with ``dataset_`` in front, on the dataset's own states.
                                  Shadow: oracle-infeasible states outside the hazards. The trivial rule
@@ -49,10 +50,15 @@ from lightning_saferl.envs.oracle import (
     dataset_rows_among, escape_margin, feasibility_scores, feasible_starts, is_feasible,
 )
 from lightning_saferl.evaluation import EpisodeRunner
-from lightning_saferl.pipeline import build_parser, print_table, run_pipeline, stage_conflicts
+from lightning_saferl.pipeline import parse_args, print_table, run_pipeline, stage_conflicts
 from lightning_saferl.policy import load_module
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "fisor" / "point_robot.yaml"
+# The benchmark's settings over the recipe, whose critic budget is sized for the README's 15-minute main job: the
+# feasibility critic at 60k steps (reference 100k) and, where it calls a state infeasible, 512 uniform proposals
+# beside the actor's candidates (see the recipe's comment for the measurements). `--set` replaces them.
+BENCHMARK_SETTINGS = ("stages.feasibility_critic.trainer.max_steps=60000",
+                      "stages.actor.model.init_args.uniform_proposals=512")
 GRID = 101  # grid points per axis of each slice
 TIGHT_MARGIN = 3  # a start is tight when at most this many of the oracle's 7 braking manoeuvres escape
 SUMMARY_KEYS = ("feasible_start_violation_rate", "bc_safe_violation_rate", "bc_all_violation_rate",
@@ -100,13 +106,16 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
                      # the pipeline's own summary (seed_dir/fisor/summary.json) with the README table's protocol
                      "--evaluation.episodes", "100", "--evaluation.num_envs", "50", "--evaluation.seed", "2000",
                      "--evaluation.reset_options", json.dumps({"random_start": True})]
+    # --quick: the smoke budget (5 steps per stage) would lose to a max_steps setting (the command line wins)
+    pipeline_args += [f"--{setting}" for setting in args.set
+                      if not (args.quick and setting.partition("=")[0].endswith(".max_steps"))]
     if args.quick:
         pipeline_args.append("--smoke")
-    config = build_parser().parse_args(pipeline_args)
+    config = parse_args(pipeline_args)
     changed = stage_conflicts(config)  # stages cached for another config (e.g. an edited recipe) train afresh
     if changed:
         print(f"[benchmark] {seed_dir}: retraining stages of a changed config: {changed}")
-        config = build_parser().parse_args(pipeline_args + ["--restart", *changed])
+        config = parse_args(pipeline_args + ["--restart", *changed])
     run_pipeline(config)
     actor = load_module(str(seed_dir / "fisor" / "actor" / "model.ckpt")).eval()
     critic = actor.feasibility_critic
@@ -215,6 +224,9 @@ def main() -> None:
                         help="evaluation-start stream: 0 for reported figures, others for tuning")
     parser.add_argument("--run_dir", default="benchmarks/out/fisor_point_robot")
     parser.add_argument("--recipe", default=str(RECIPE), help="FISOR recipe (default: %(default)s)")
+    parser.add_argument("--set", nargs="*", default=list(BENCHMARK_SETTINGS), metavar="KEY=VALUE",
+                        help="pipeline settings over the recipe (default: %(default)s; `--set` alone: the recipe as "
+                             "it is, i.e. the README's main job)")
     parser.add_argument("--quick", action="store_true", help="pipeline --smoke and few episodes (a check only)")
     parser.add_argument("--bc_steps", type=int, default=5000)
     parser.add_argument("--standard_episodes", type=int, default=20)
@@ -222,6 +234,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="(seed, dataset) runs in this many worker processes (one thread each when > 1)")
     args = parser.parse_args()
+    malformed = [setting for setting in args.set if "=" not in setting or setting.startswith("-")]
+    if malformed:
+        parser.error(f"--set takes KEY=VALUE pipeline settings (e.g. stages.actor.trainer.max_steps=100), got {malformed}")
     if args.quick:
         args.standard_episodes, args.feasible_episodes, args.bc_steps = 2, 4, 5
     run_dir = Path(args.run_dir)
@@ -240,7 +255,7 @@ def main() -> None:
                 print(f"[benchmark] {behavior} seed {seed} FAILED:\n{traceback.format_exc()}", flush=True)
                 continue
             print_table(figures[seed, behavior], f"FISOR on PointRobot, dataset '{behavior}', seed {seed}")
-    results = {"seeds": args.seeds, "start_seed": args.start_seed, "failed": failed}
+    results = {"seeds": args.seeds, "start_seed": args.start_seed, "settings": args.set, "failed": failed}
     for behavior in args.datasets:
         seeds = [seed for seed in args.seeds if (seed, behavior) in figures]
         if not seeds:
