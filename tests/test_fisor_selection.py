@@ -79,9 +79,13 @@ def test_uniform_proposals_reach_an_escape_the_candidates_miss_only_where_the_cr
         torch.manual_seed(0)
         return actor.act(obs)
 
-    reference, widened = chosen(), chosen(uniform_proposals=256)
+    reference, widened = chosen(), chosen(uniform_proposals=256, proposal_gain=1.0)
     assert torch.equal(reference, torch.tensor([[0.1, -0.1], [0.1, -0.1]]))  # lowest Q_h among the candidates
     assert (widened[0] - torch.tensor([1.0, -1.0])).norm() < 0.2              # a uniform proposal near the corner
     assert torch.equal(widened[1], reference[1])                              # feasible state: unchanged
+    # the candidates' best Q_h is 0.27, the corner's -1: a gain above 1.27 keeps the actor's choice
+    assert torch.equal(chosen(uniform_proposals=256, proposal_gain=1.3), reference)
     with pytest.raises(ValueError, match="uniform_proposals must be >= 0 and needs select='min_qh'"):
         FisorActor(obs_dim=3, act_dim=2, uniform_proposals=8, select="max_q")
+    with pytest.raises(ValueError, match="proposal_gain must be >= 0"):
+        FisorActor(obs_dim=3, act_dim=2, uniform_proposals=8, proposal_gain=-0.01)

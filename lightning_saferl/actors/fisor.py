@@ -16,9 +16,12 @@ Q). With ``select_tolerance`` d > 0 and ``select_clearance`` m >= 0 (select="min
 d = 0 is the reference's rule. Far inside the feasible set Q_h is nearly flat over the candidates and the
 lowest Q_h is a draw biased to braking; there B holds them all and Q decides (see the recipe's comment).
 With ``uniform_proposals`` K > 0, where the critic calls the state infeasible (V_h(s) > -delta, the states whose
-target is the least unsafe action, argmin_a Q_h) the choice runs over the N candidates plus K actions uniform in
-[-1, 1]^act_dim: near a hazard the escape can be a narrow corner of the action box that the weighted cloning
-rarely proposes. K = 0 is the reference's rule.
+target is the least unsafe action, argmin_a Q_h) K actions u_k uniform in [-1, 1]^act_dim are scored too: near a
+hazard the escape can be a narrow corner of the action box that the weighted cloning rarely proposes. The safest
+one, u* = argmin_k Q_h(s, u_k), replaces the candidates' choice only if
+    Q_h(s, u*) < min_c Q_h(s, c) - g        (g = ``proposal_gain``),
+so the actor keeps control unless the critic sees a clear gain: the lowest of K + N noisy estimates is biased low,
+and near a boundary they differ by a few thousandths. K = 0 is the reference's rule.
 EMA after update k: ema <- (1 - tau_k) ema + tau_k net with tau_k = max(ema_tau, 9 / (10 + k)) (warm-up: the
 random initialisation is forgotten within the first updates, however short the run), or tau_k = ema_tau.
 """
@@ -73,6 +76,7 @@ class FisorActor(SafeRLModule):
                  ema_warmup: bool = True,
                  num_candidates: int = 16, select: Literal["min_qh", "max_q"] = "min_qh",
                  select_tolerance: float = 0.0, select_clearance: float = 0.0, uniform_proposals: int = 0,
+                 proposal_gain: float = 0.0,
                  infeasible_temperature: float = 5.0, infeasible_weight_max: float = 150.0,
                  infeasible_weight_min: float = 1.0, feasibility_margin: float = 0.0,
                  feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0,
@@ -84,6 +88,8 @@ class FisorActor(SafeRLModule):
         if uniform_proposals < 0 or (uniform_proposals > 0 and select != "min_qh"):
             raise InputError(f"FisorActor: uniform_proposals must be >= 0 and needs select='min_qh', got "
                              f"{uniform_proposals} with select={select!r}")
+        if proposal_gain < 0:
+            raise InputError(f"FisorActor: proposal_gain must be >= 0, got {proposal_gain}")
         self.save_hyperparameters(ignore=["feasibility_critic", "reward_critic"])
         self.lr, self.cosine_decay_steps = lr, cosine_decay_steps
         self.net = NoiseResNet(obs_dim, act_dim, hidden_dim, num_blocks, dropout)
@@ -201,34 +207,43 @@ class FisorActor(SafeRLModule):
         return self._choose(obs, self.sample_candidates(obs, self.hparams.num_candidates))
 
     def _act_with_proposals(self, obs: torch.Tensor) -> torch.Tensor:
-        """As `_act`, with K uniform proposals added to the candidates of critic-infeasible states (eager: the
-        flagged rows are data-dependent)."""
-        candidates = self.sample_candidates(obs, self.hparams.num_candidates)
-        flagged = self.feasibility_critic.value(obs) > -self.hparams.get("feasibility_margin", 0.0)
-        proposals = torch.rand(int(flagged.sum()), self.hparams.uniform_proposals, self.hparams.act_dim,
-                               device=obs.device, dtype=obs.dtype) * 2 - 1
-        actions = torch.empty_like(candidates[:, 0])
-        actions[~flagged] = self._choose(obs[~flagged], candidates[~flagged])
-        actions[flagged] = self._choose(obs[flagged], torch.cat((candidates[flagged], proposals), dim=1))
+        """As `_act`; at critic-infeasible states the safest of K uniform proposals replaces the choice where it
+        beats every candidate's Q_h by more than `proposal_gain` (eager: the flagged rows are data-dependent)."""
+        h = self.hparams
+        candidates = self.sample_candidates(obs, h.num_candidates)
+        actions = self._choose(obs, candidates)
+        flagged = (self.feasibility_critic.value(obs) > -h.get("feasibility_margin", 0.0)).nonzero().squeeze(1)
+        proposals = torch.rand(len(flagged), h.uniform_proposals, h.act_dim, device=obs.device, dtype=obs.dtype)
+        proposals = proposals * 2 - 1
+        proposal_q_h = self._scores(self.feasibility_critic, obs[flagged], proposals)
+        safest = proposal_q_h.argmin(dim=1)
+        candidate_q_h = self._scores(self.feasibility_critic, obs[flagged], candidates[flagged])
+        better = proposal_q_h.min(dim=1).values < candidate_q_h.min(dim=1).values - h.get("proposal_gain", 0.0)
+        actions[flagged[better]] = proposals[better, safest[better]]
         return actions
+
+    @staticmethod
+    def _scores(critic, obs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(B, obs_dim), (B, N, act_dim) -> (B, N): the critic's Q(s, a) of every candidate."""
+        n = candidates.shape[1]
+        flat = critic.q_value(repeat(obs, "b o -> (b n) o", n=n), rearrange(candidates, "b n a -> (b n) a"))
+        return rearrange(flat, "(b n) -> b n", n=n)
 
     def _choose(self, obs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """(B, obs_dim), (B, N, act_dim) -> (B, act_dim): the candidate with the lowest Q_h (select="min_qh"; with
         a tolerance, the band rule of the module docstring) or the highest Q."""
-        n = candidates.shape[1]
-        if n == 1:
+        if candidates.shape[1] == 1:
             return candidates[:, 0]
-        flat_obs, flat_act = repeat(obs, "b o -> (b n) o", n=n), rearrange(candidates, "b n a -> (b n) a")
         if self.hparams.select == "min_qh":
-            q_h = rearrange(self.feasibility_critic.q_value(flat_obs, flat_act), "(b n) -> b n", n=n)
+            q_h = self._scores(self.feasibility_critic, obs, candidates)
             scores = -q_h
             tolerance = self.hparams.get("select_tolerance", 0.0)
             if tolerance > 0:  # the band B of the module docstring: highest Q in it, lowest Q_h where it is empty
-                q = rearrange(self.reward_critic.q_value(flat_obs, flat_act), "(b n) -> b n", n=n)
+                q = self._scores(self.reward_critic, obs, candidates)
                 band = (q_h <= q_h.min(dim=1, keepdim=True).values + tolerance) \
                     & (q_h <= -self.hparams.get("select_clearance", 0.0))
                 scores = torch.where(band.any(dim=1, keepdim=True), q.masked_fill(~band, float("-inf")), scores)
         else:
-            scores = rearrange(self.reward_critic.q_value(flat_obs, flat_act), "(b n) -> b n", n=n)
+            scores = self._scores(self.reward_critic, obs, candidates)
         best = scores.argmax(dim=1)
         return candidates[torch.arange(obs.shape[0], device=obs.device), best]
