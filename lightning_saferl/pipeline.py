@@ -1,4 +1,4 @@
-"""`lightning-saferl pipeline`: run a recipe's stages in order in one process, then evaluate the final policy.
+"""`lightning-saferl pipeline`: run a recipe's stages in order, then evaluate the final policy.
 
 A recipe is a YAML file:
 
@@ -7,6 +7,7 @@ A recipe is a YAML file:
     data: {task: PointRobot-v0, ...}            # OfflineDataModule arguments shared by all stages
     trainer: {...}                               # Trainer arguments shared by all stages
     checkpoint_every_n_steps: 1000               # a stage's checkpoints/last.ckpt is refreshed this often
+    parallel_stages: 1                           # > 1: independent stages train at once in worker processes
     stages:                                      # run in this order
       feasibility_critic:
         model: {class_path: lightning_saferl.critics.FeasibilityCritic, init_args: {...}}
@@ -52,9 +53,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import multiprocessing
 import os
+import pickle
+import queue
 import sys
 import time
+import traceback
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -92,6 +97,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--smoke", action=ActionYesNo, default=False,
                         help=f"{SMOKE_STEPS} steps per stage and {SMOKE_EPISODES} evaluation episodes")
     parser.add_argument("--seed_everything", type=int, default=0)
+    parser.add_argument("--parallel_stages", type=PositiveInt, default=1,
+                        help="train up to this many stages at once, in worker processes (a stage starts when the "
+                             "stages it takes inputs from are finished; the cores are shared among those running)")
     parser.add_argument("--checkpoint_every_n_steps", type=PositiveInt, default=1000,
                         help="each stage refreshes checkpoints/last.ckpt this often (and at the end and on SIGTERM)")
     parser.add_argument("--restart", nargs="+", type=str, default=[], metavar="STAGE",
@@ -375,41 +383,112 @@ def run_pipeline(cfg: Namespace, command: Optional[list[str]] = None) -> dict[st
     make_env(plan.task_spec.task_id).close()  # a missing simulator fails now, not after training
     run_dir.mkdir(parents=True, exist_ok=True)
     _save_run_record(cfg, run_dir, command)
+    todo = [name for name in plan.names if name in plan.restart or not (run_dir / name / "model.ckpt").exists()]
     trained: dict[str, SafeRLModule] = {}
+    in_workers = todo if cfg.parallel_stages > 1 and len(todo) > 1 else []
+    if in_workers:
+        _train_in_workers(plan, cfg, in_workers, command)
     for name in plan.names:
-        stage_dir = run_dir / name
-        final = stage_dir / "model.ckpt"
-        if name in plan.restart:
-            final.unlink(missing_ok=True)
-        elif final.exists():
-            print(f"[pipeline] stage '{name}': finished earlier, loading {final}")
-            trained[name] = load_module(str(final), expected=plan.classes[name])
+        final = run_dir / name / "model.ckpt"
+        if name in todo and name not in in_workers:
+            trained[name] = _train_stage(plan, cfg, name, trained, command)
             continue
-        last = None if name in plan.restart else latest_checkpoint(stage_dir)
-        L.seed_everything(cfg.seed_everything, workers=True)
-        model, trainer_kwargs, datamodule = _instantiate(name, plan.parsed[name], plan.classes[name], trained)
-        kwargs, log_dir = trainer_arguments({**trainer_kwargs, "default_root_dir": str(stage_dir)},
-                                            LastCheckpoint(every_n_train_steps=cfg.checkpoint_every_n_steps),
-                                            record=plan.records[name])
-        kwargs["callbacks"].append(RunRecord(log_dir, _stage_parser().dump(plan.parsed[name], skip_none=False),
-                                             cfg.seed_everything, command))
-        trainer = L.Trainer(**kwargs)
-        print(f"[pipeline] stage '{name}': {type(model).__name__}, max_steps={trainer.max_steps}"
-              f"{', resuming from ' + str(last) if last else ''}{', restarted' if name in plan.restart else ''}")
-        try:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=last, weights_only=True)
-        except NonFiniteLossError as err:
-            err.args = (f"stage '{name}': {err.args[0]}",)
-            raise
-        tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # a kill while writing must not look finished
-        trainer.save_checkpoint(tmp, weights_only=True)
-        os.replace(tmp, final)
-        trained[name] = model
+        if name not in in_workers:
+            print(f"[pipeline] stage '{name}': finished earlier, loading {final}")
+        trained[name] = load_module(str(final), expected=plan.classes[name])
     summary = evaluate(trained[plan.names[-1]], plan.task_spec, cfg)
     summary["minutes"] = (time.time() - started) / 60
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     print_table(summary, f"summary ({run_dir / 'summary.json'})")
     return summary
+
+
+def _train_stage(plan: _Plan, cfg: Namespace, name: str, trained: dict[str, SafeRLModule],
+                 command: Optional[list[str]]) -> SafeRLModule:
+    """Train stage `name` (resuming from its newest last.ckpt unless restarted) with the trained modules of the
+    stages it takes inputs from, write `<run_dir>/<name>/model.ckpt` and return the model."""
+    stage_dir = plan.run_dir / name
+    final = stage_dir / "model.ckpt"
+    if name in plan.restart:
+        final.unlink(missing_ok=True)
+    last = None if name in plan.restart else latest_checkpoint(stage_dir)
+    L.seed_everything(cfg.seed_everything, workers=True)
+    model, trainer_kwargs, datamodule = _instantiate(name, plan.parsed[name], plan.classes[name], trained)
+    kwargs, log_dir = trainer_arguments({**trainer_kwargs, "default_root_dir": str(stage_dir)},
+                                        LastCheckpoint(every_n_train_steps=cfg.checkpoint_every_n_steps),
+                                        record=plan.records[name])
+    kwargs["callbacks"].append(RunRecord(log_dir, _stage_parser().dump(plan.parsed[name], skip_none=False),
+                                         cfg.seed_everything, command))
+    trainer = L.Trainer(**kwargs)
+    print(f"[pipeline] stage '{name}': {type(model).__name__}, max_steps={trainer.max_steps}"
+          f"{', resuming from ' + str(last) if last else ''}{', restarted' if name in plan.restart else ''}"
+          f"{f', {torch.get_num_threads()} threads in process {os.getpid()}' if cfg.parallel_stages > 1 else ''}")
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=last, weights_only=True)
+    except NonFiniteLossError as err:
+        err.args = (f"stage '{name}': {err.args[0]}",)
+        raise
+    tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # a kill while writing must not look finished
+    trainer.save_checkpoint(tmp, weights_only=True)
+    os.replace(tmp, final)
+    return model
+
+
+def _train_in_workers(plan: _Plan, cfg: Namespace, todo: list[str], command: Optional[list[str]]) -> None:
+    """Train the `todo` stages in worker processes, up to `parallel_stages` at once: a stage starts when the stages
+    it takes inputs from are finished, with cpu_count / (stages starting or running) torch threads. The first
+    failure stops the other workers (SIGTERM: they save last.ckpt) and is raised here."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    running: dict[str, Any] = {}
+    done, todo = {name for name in plan.names if name not in todo}, list(todo)
+    try:
+        while todo or running:
+            ready = [name for name in todo if set(plan.parsed[name].inputs.values()) <= done]
+            ready = ready[:cfg.parallel_stages - len(running)]
+            threads = max(1, (os.cpu_count() or 1) // max(1, len(running) + len(ready)))
+            for name in ready:
+                todo.remove(name)
+                running[name] = context.Process(target=_stage_worker, args=(cfg, name, command, threads, results),
+                                                name=f"stage-{name}")
+                running[name].start()
+            try:
+                name, error = results.get(timeout=1.0)
+            except queue.Empty:
+                died = {n: p.exitcode for n, p in running.items() if p.exitcode not in (None, 0)}
+                if died:
+                    name, code = next(iter(died.items()))
+                    raise RuntimeError(f"stage '{name}': its worker process died (exit code {code}); rerun the "
+                                       f"same command to resume from its last.ckpt")
+                continue
+            running.pop(name).join()
+            if error is not None:
+                raise error
+            done.add(name)
+    finally:
+        for process in running.values():
+            process.terminate()
+            process.join()
+
+
+def _stage_worker(cfg: Namespace, name: str, command: Optional[list[str]], threads: int, results) -> None:
+    """One stage in a worker process: its inputs are read from their model.ckpt; puts (name, None or the error)."""
+    torch.set_num_threads(threads)
+    try:
+        plan = _Plan(cfg)
+        sources = set(plan.parsed[name].inputs.values())
+        trained = {source: load_module(str(plan.run_dir / source / "model.ckpt"), expected=plan.classes[source])
+                   for source in sources}
+        _train_stage(plan, cfg, name, trained, command)
+    except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
+        traceback.print_exc()
+        try:
+            pickle.dumps(err)
+        except Exception:  # noqa: BLE001 - an error that cannot cross processes is described instead
+            err = RuntimeError(f"stage '{name}': {type(err).__name__}: {err}")
+        results.put((name, err))
+    else:
+        results.put((name, None))
 
 
 def apply_cost_limit(cfg: Namespace) -> None:

@@ -213,6 +213,36 @@ def test_rerun_with_another_config_is_refused_until_restarted(fisor_run, tmp_pat
     assert capsys.readouterr().out.count("finished earlier") == 3
 
 
+def test_parallel_stages_train_independent_stages_at_once_and_match_the_sequential_run(fisor_run, tmp_path, capfd):
+    sequential, recipe = fisor_run
+    run = tmp_path / "run"
+    main(["pipeline", "--config", recipe, "--run_dir", str(run), "--parallel_stages", "2"])
+    out = capfd.readouterr().out
+    cores = os.cpu_count() or 1
+    # both critics start together and share the cores; the actor starts when both are finished and gets them all
+    for stage, threads in (("feasibility_critic", max(1, cores // 2)), ("reward_critic", max(1, cores // 2)),
+                           ("actor", cores)):
+        assert f"stage '{stage}': " in out and f"{threads} threads in process" in out.split(f"stage '{stage}': ")[1]
+        ours = torch.load(run / stage / "model.ckpt", weights_only=True)["state_dict"]
+        theirs = torch.load(sequential / stage / "model.ckpt", weights_only=True)["state_dict"]
+        assert ours.keys() == theirs.keys()
+        assert all(torch.allclose(ours[k].float(), theirs[k].float(), atol=1e-5) for k in ours)  # same seeding
+    assert json.loads((run / "summary.json").read_text())["episodes"] == 2
+
+
+def test_a_failing_stage_in_a_worker_stops_the_pipeline_with_its_error(tiny, tmp_path):
+    from lightning_saferl.base import NonFiniteLossError
+    from lightning_saferl.pipeline import run_pipeline
+
+    recipe = fisor_recipe(tiny)
+    recipe["stages"]["reward_critic"]["model"]["init_args"]["lr"] = float("inf")  # the first update makes NaN
+    path = write_yaml(tmp_path / "r.yaml", recipe)
+    with pytest.raises(NonFiniteLossError, match="stage 'reward_critic': RewardCritic: loss '.*' is nan at step 1"):
+        run_pipeline(parse_args(["--config", path, "--run_dir", str(tmp_path / "run"), "--parallel_stages", "2"]))
+    assert not (tmp_path / "run" / "reward_critic" / "model.ckpt").exists()
+    assert not (tmp_path / "run" / "actor").exists()  # never started
+
+
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
     target = tmp_path / "summary.json"
     atomic_write_text(target, "old")
