@@ -237,7 +237,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     rows: list[tuple[str, dict, str]] = []
     out: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
-                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average_1min_start": os.getloadavg()[0]}
+                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+                 "load_average_1min_start": os.getloadavg()[0]}
 
     # the peak is sampled before and after the module timings (pooled median), so load drifts affect both alike
     peak_samples = matmul_samples(max(reps // 2, 5))
@@ -348,6 +349,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         out[f"{key}_fraction_of_peak"] = out[f"{key}_gflop"] / (out[f"{key}_ms"] * 1e-3) / peak
     out["load_average_1min_end"] = os.getloadavg()[0]
     print(f"\ntorch {out['torch']}, {out['threads']} threads, {out['cpu']}, OMP_WAIT_POLICY={out['omp_wait_policy']}, "
+          f"GOMP_SPINCOUNT={out['gomp_spincount']}, "
           f"load average (1 min) {out['load_average_1min_start']:.2f} -> {out['load_average_1min_end']:.2f}")
     print(f"fraction of peak: actor {out['actor_step_fraction_of_peak']:.2f}, "
           f"critics {out['critic_step_fraction_of_peak']:.2f}")
