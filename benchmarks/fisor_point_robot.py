@@ -6,7 +6,7 @@
 
 Datasets (generated, data seed 0): ``mixed`` (the default data) and ``scarce`` (safe expert episodes <= 10 %;
 figures with the suffix ``_scarce``). For every dataset and seed S: the recipe configs/fisor/point_robot.yaml,
-with ``--set`` values on top (default `BENCHMARK_SETTINGS`), runs as a pipeline (``--seed_everything S
+with ``--set`` values on top (an ablation; default none), runs as a pipeline (``--seed_everything S
 --data.seed S``) in its own run directory, and BC-All / BC-Safe train with seed S. Per seed it measures:
   feasible_region_iou, shadow_recall, false_infeasible_rate   the critic's {V_h <= 0} against the oracle on the
                                  (v, theta) grid slices; with ``dataset_`` in front, on the dataset's own states.
@@ -54,11 +54,6 @@ from lightning_saferl.pipeline import parse_args, print_table, run_pipeline, sta
 from lightning_saferl.policy import load_module
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "fisor" / "point_robot.yaml"
-# The benchmark's settings over the recipe, whose critic budget is sized for the README's 15-minute main job: the
-# feasibility critic at 60k steps (reference 100k) and, where it calls a state infeasible, 512 uniform proposals
-# beside the actor's candidates (see the recipe's comment for the measurements). `--set` replaces them.
-BENCHMARK_SETTINGS = ("stages.feasibility_critic.trainer.max_steps=60000",
-                      "stages.actor.model.init_args.uniform_proposals=512")
 GRID = 101  # grid points per axis of each slice
 TIGHT_MARGIN = 3  # a start is tight when at most this many of the oracle's 7 braking manoeuvres escape
 SUMMARY_KEYS = ("feasible_start_violation_rate", "bc_safe_violation_rate", "bc_all_violation_rate",
@@ -224,9 +219,9 @@ def main() -> None:
                         help="evaluation-start stream: 0 for reported figures, others for tuning")
     parser.add_argument("--run_dir", default="benchmarks/out/fisor_point_robot")
     parser.add_argument("--recipe", default=str(RECIPE), help="FISOR recipe (default: %(default)s)")
-    parser.add_argument("--set", nargs="*", default=list(BENCHMARK_SETTINGS), metavar="KEY=VALUE",
-                        help="pipeline settings over the recipe (default: %(default)s; `--set` alone: the recipe as "
-                             "it is, i.e. the README's main job)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="pipeline settings over the recipe, e.g. an ablation (default: none, the recipe as it is, "
+                             "i.e. the README's main job)")
     parser.add_argument("--quick", action="store_true", help="pipeline --smoke and few episodes (a check only)")
     parser.add_argument("--bc_steps", type=int, default=5000)
     parser.add_argument("--standard_episodes", type=int, default=20)

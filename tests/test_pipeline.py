@@ -271,6 +271,16 @@ def test_point_robot_baseline_recipes(tmp_path, tiny, recipe):
     assert SUMMARY_KEYS <= set(summary)
 
 
+def test_fisor_main_job_recipe_runs_with_its_acting_settings(tmp_path, tiny):
+    # the README's main job, at smoke size: its callbacks, and the actor's uniform proposals in the evaluation
+    recipe = str(CONFIGS / "fisor" / "point_robot.yaml")
+    summary = main_summary(["pipeline", "--config", recipe, "--smoke", "--data.path", tiny,
+                            "--run_dir", str(tmp_path / "run"), "--trainer", json.dumps(QUIET)])
+    assert summary["algorithm"] == "fisor" and SUMMARY_KEYS <= set(summary)
+    actor = torch.load(tmp_path / "run" / "actor" / "model.ckpt", weights_only=True)
+    assert actor["hyper_parameters"]["uniform_proposals"] > 0 and actor["hyper_parameters"]["proposal_gain"] > 0
+
+
 @pytest.mark.parametrize("recipe", ["bc_all_dsrl.yaml", "bc_safe_dsrl.yaml"])
 def test_dsrl_baseline_recipes_report_normalized_scores(tmp_path, tiny, recipe, monkeypatch):
     # a DSRL task id with a stand-in environment of the same shapes (the real simulators are not installed)
