@@ -12,6 +12,7 @@ import lightning as L
 import torch
 
 from lightning_saferl.data.datamodule import _stream_seed
+from lightning_saferl.errors import InputError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -63,6 +64,9 @@ class SafeRLModule(L.LightningModule):
 
     lr: float = 3e-4
     cosine_decay_steps: Optional[int] = None
+    #: init arguments read only when acting: the trained weights never depend on them, so the pipeline reuses a
+    #: finished stage when only these change (`set_acting_hparams`)
+    acting_hparams: tuple[str, ...] = ()
     sample_weights: Optional[torch.Tensor] = None
     test_episodes: int = 20
     _weights_computed: bool = False
@@ -114,6 +118,20 @@ class SafeRLModule(L.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         self.after_optimizer_step()
+
+    def set_acting_hparams(self, values: dict[str, Any]) -> None:
+        """Change acting-only init arguments (`acting_hparams`) of a trained module, checked as `__init__` checks
+        them."""
+        unknown = sorted(set(values) - set(self.acting_hparams))
+        if unknown:
+            raise InputError(f"{type(self).__name__}: {unknown} are not acting settings; acting settings: "
+                             f"{list(self.acting_hparams)}")
+        self.check_acting_hparams({**self.hparams, **values})
+        self.hparams.update(values)
+
+    @classmethod
+    def check_acting_hparams(cls, hparams: dict[str, Any]) -> None:
+        """Raise InputError for invalid acting settings in `hparams` (subclasses with acting settings)."""
 
     def after_optimizer_step(self) -> None:
         """Runs once after every optimiser step: EMA / Polyak target updates go here. `global_step` does not count

@@ -45,7 +45,9 @@ finished stage and resumes an interrupted one from its newest `last.ckpt`, so it
 checkpoint holds the stage's resolved config and its hash (`runs.CONFIG_KEY`; seed and the hashes of the stages
 it takes inputs from included, display-only keys `runs.RESULT_NEUTRAL_KEYS` left out): a checkpoint is reused
 only for the same config, otherwise the run stops naming the changed keys, and `--restart STAGE ...` trains those
-stages (and the stages that take their output) afresh. The run directory also holds the resolved recipe
+stages (and the stages that take their output) afresh. A model's acting-only settings
+(`SafeRLModule.acting_hparams`, e.g. FisorActor's candidate choice) are not part of that config: a finished stage is
+reused with the recipe's values, which are written into its model.ckpt. The run directory also holds the resolved recipe
 (`config.yaml`), `run_info.json` (seed, package versions) and `summary.json` (evaluation of the final policy).
 """
 from __future__ import annotations
@@ -318,7 +320,8 @@ class _Plan:
         for i, name in enumerate(self.names):
             self.classes[name], self.parsed[name] = _check_stage(name, configs[name], self.names[:i], cfg.overrides)
             self.records[name] = _stage_record(self.parsed[name], cfg.seed_everything,
-                                               {s: self.records[s]["sha256"] for s in self.parsed[name].inputs.values()})
+                                               {s: self.records[s]["sha256"] for s in self.parsed[name].inputs.values()},
+                                               self.classes[name].acting_hparams)
         shared = _dataset_key(cfg.data.as_dict())
         data = {name: {"data": parsed.data.as_dict()} for name, parsed in self.parsed.items()}
         _validate_datasets({n: c for n, c in data.items() if _dataset_key(c["data"]) != shared}, obs_dim, act_dim)
@@ -344,16 +347,20 @@ class _Plan:
             if name in self.restart or ckpt is None:
                 continue
             stored = stored_record(read_checkpoint(str(ckpt)))
-            changes = ["(no config recorded)"] if stored is None else config_changes(stored, self.records[name])
+            acting = {f"model.init_args.{key}" for key in self.classes[name].acting_hparams}
+            changes = ["(no config recorded)"] if stored is None else \
+                [key for key in config_changes(stored, self.records[name]) if key not in acting]
             if changes:
                 found[name] = changes
         return found
 
 
-def _stage_record(parsed: Namespace, seed: int, inputs: dict[str, str]) -> dict:
-    """The config record (`runs.config_record`) of a stage: its parsed config, the seed, and the hashes of the
-    stages it takes inputs from."""
+def _stage_record(parsed: Namespace, seed: int, inputs: dict[str, str], acting: tuple[str, ...] = ()) -> dict:
+    """The config record (`runs.config_record`) of a stage: its parsed config without the model's acting-only
+    init arguments (`acting`), the seed, and the hashes of the stages it takes inputs from."""
     config = yaml.safe_load(_stage_parser().dump(parsed, skip_none=False))
+    for key in acting:
+        (config["model"].get("init_args") or {}).pop(key, None)
     return config_record({**config, "seed_everything": seed, "input_sha256": inputs})
 
 
@@ -396,11 +403,30 @@ def run_pipeline(cfg: Namespace, command: Optional[list[str]] = None) -> dict[st
         if name not in in_workers:
             print(f"[pipeline] stage '{name}': finished earlier, loading {final}")
         trained[name] = load_module(str(final), expected=plan.classes[name])
+        _apply_acting_settings(trained[name], plan.parsed[name], final)
     summary = evaluate(trained[plan.names[-1]], plan.task_spec, cfg)
     summary["minutes"] = (time.time() - started) / 60
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     print_table(summary, f"summary ({run_dir / 'summary.json'})")
     return summary
+
+
+def _apply_acting_settings(module: SafeRLModule, parsed: Namespace, checkpoint: Path) -> None:
+    """Give a reused stage the recipe's acting-only settings (`SafeRLModule.acting_hparams`) and write them into
+    its checkpoint, so that whoever loads it later acts as this run does; the weights are untouched."""
+    wanted = {key: value for key, value in parsed.model.init_args.as_dict().items() if key in module.acting_hparams}
+    changed = {key: value for key, value in wanted.items() if module.hparams.get(key) != value}
+    if not changed:
+        return
+    before = {key: module.hparams.get(key) for key in changed}
+    module.set_acting_hparams(changed)
+    stored = read_checkpoint(str(checkpoint))
+    stored["hyper_parameters"].update(changed)
+    tmp = checkpoint.with_name(f"{checkpoint.name}.{os.getpid()}.tmp")
+    torch.save(stored, tmp)
+    os.replace(tmp, checkpoint)
+    print(f"[pipeline] {checkpoint}: acting settings {before} -> {changed} (weights reused: they do not depend "
+          "on these)")
 
 
 def _train_stage(plan: _Plan, cfg: Namespace, name: str, trained: dict[str, SafeRLModule],

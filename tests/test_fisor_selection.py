@@ -89,3 +89,14 @@ def test_uniform_proposals_reach_an_escape_the_candidates_miss_only_where_the_cr
         FisorActor(obs_dim=3, act_dim=2, uniform_proposals=8, select="max_q")
     with pytest.raises(ValueError, match="proposal_gain must be >= 0"):
         FisorActor(obs_dim=3, act_dim=2, uniform_proposals=8, proposal_gain=-0.01)
+
+
+def test_acting_settings_change_on_a_trained_actor_and_training_settings_do_not(monkeypatch):
+    actor = _actor(monkeypatch, select_clearance=0.5)
+    actor.set_acting_hparams({"select_tolerance": 0.05})
+    assert torch.equal(actor.act(torch.zeros(3, 3)), CANDIDATES[torch.arange(3), torch.tensor([2, 2, 2])])
+    with pytest.raises(ValueError, match=r"\['lr'\] are not acting settings"):
+        actor.set_acting_hparams({"lr": 1.0})
+    with pytest.raises(ValueError, match="proposal_gain must be >= 0"):
+        actor.set_acting_hparams({"proposal_gain": -0.5})
+    assert actor.hparams.proposal_gain == 0.0 and actor.hparams.lr == 3e-4  # a refused change leaves all as it was

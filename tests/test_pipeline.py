@@ -183,13 +183,14 @@ def test_rerun_with_another_config_is_refused_until_restarted(fisor_run, tmp_pat
     shutil.copytree(source, run)
     base = ["pipeline", "--config", recipe, "--run_dir", str(run)]
     mtimes = {p: p.stat().st_mtime_ns for p in run.glob("*/model.ckpt")}
-    changed = ["--stages.actor.model.init_args.num_candidates", "3", "--stages.reward_critic.trainer.max_steps", "5"]
+    changed = ["--stages.actor.model.init_args.feasible_temperature", "4.0",
+               "--stages.reward_critic.trainer.max_steps", "5"]
     with pytest.raises(SystemExit) as exit_:
         main([*base, *changed])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "'reward_critic' (trainer.max_steps)" in err
-    assert "'actor' (input_sha256.reward_critic, model.init_args.num_candidates)" in err
+    assert "'actor' (input_sha256.reward_critic, model.init_args.feasible_temperature)" in err
     assert "--restart reward_critic actor" in err
     assert {p: p.stat().st_mtime_ns for p in run.glob("*/model.ckpt")} == mtimes  # nothing trained
     assert stage_conflicts(parse_args([*base[1:], *changed]))["reward_critic"] == ["trainer.max_steps"]
@@ -199,7 +200,7 @@ def test_rerun_with_another_config_is_refused_until_restarted(fisor_run, tmp_pat
     # an interrupted stage (last.ckpt only) is checked too
     (run / "actor" / "model.ckpt").unlink()
     assert stage_conflicts(parse_args([*base[1:], *changed[:2]])) == {
-        "actor": ["model.init_args.num_candidates"]}
+        "actor": ["model.init_args.feasible_temperature"]}
     # --restart trains the stage afresh, and the stages that take its output
     main([*base, "--restart", "reward_critic", *changed])
     out = capsys.readouterr().out
@@ -211,6 +212,35 @@ def test_rerun_with_another_config_is_refused_until_restarted(fisor_run, tmp_pat
     assert yaml.safe_load((run / "config.yaml").read_text())["restart"] == []  # a rerun of it reuses the stages
     main([*base, *changed])
     assert capsys.readouterr().out.count("finished earlier") == 3
+
+
+def test_acting_settings_change_without_retraining(fisor_run, tmp_path, capsys):
+    source, recipe = fisor_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    base = ["pipeline", "--config", recipe, "--run_dir", str(run)]
+    before = torch.load(run / "actor" / "model.ckpt", weights_only=True)
+    acting = ["--stages.actor.model.init_args.num_candidates", "3",
+              "--stages.actor.model.init_args.uniform_proposals", "16",
+              "--stages.actor.model.init_args.proposal_gain", "0.01"]
+    assert stage_conflicts(parse_args([*base[1:], *acting])) == {}
+    main([*base, *acting])
+    out = capsys.readouterr().out
+    assert out.count("finished earlier") == 3 and "acting settings" in out
+    after = torch.load(run / "actor" / "model.ckpt", weights_only=True)
+    assert after["hyper_parameters"]["num_candidates"] == 3 and after["hyper_parameters"]["proposal_gain"] == 0.01
+    assert before["hyper_parameters"]["num_candidates"] == 2
+    assert after["state_dict"].keys() == before["state_dict"].keys()
+    assert all(torch.equal(after["state_dict"][k], before["state_dict"][k]) for k in before["state_dict"])
+    assert after[CONFIG_KEY] == before[CONFIG_KEY]  # the training record: acting settings are not part of it
+    # an invalid acting value is refused with the module's own check, and the checkpoint keeps its settings
+    with pytest.raises(SystemExit):
+        main([*base, "--stages.actor.model.init_args.proposal_gain", "-1.0"])
+    assert "proposal_gain must be >= 0" in capsys.readouterr().err
+    assert torch.load(run / "actor" / "model.ckpt", weights_only=True)["hyper_parameters"]["proposal_gain"] == 0.01
+    # a setting the weights depend on still retrains
+    assert stage_conflicts(parse_args([*base[1:], "--stages.actor.model.init_args.feasibility_margin", "0.1"])) == {
+        "actor": ["model.init_args.feasibility_margin"]}
 
 
 def test_parallel_stages_train_independent_stages_at_once_and_match_the_sequential_run(fisor_run, tmp_path, capfd):

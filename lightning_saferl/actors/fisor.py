@@ -67,6 +67,8 @@ class FisorActor(SafeRLModule):
 
     _compile_devices: tuple[str, ...] = ("cuda",)
     _compile_options: dict = {"mode": "reduce-overhead"}
+    acting_hparams = ("num_candidates", "select", "select_tolerance", "select_clearance", "uniform_proposals",
+                      "proposal_gain")
 
     def __init__(self, obs_dim: int, act_dim: int,
                  feasibility_critic: Union[str, FeasibilityCritic, None] = None,
@@ -82,21 +84,30 @@ class FisorActor(SafeRLModule):
                  feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0,
                  weight_batch_size: int = 65536, compile: bool = False):
         super().__init__()
-        if select_tolerance < 0 or select_clearance < 0:
-            raise InputError(f"FisorActor: select_tolerance and select_clearance must be >= 0, got "
-                             f"{select_tolerance}, {select_clearance}")
-        if uniform_proposals < 0 or (uniform_proposals > 0 and select != "min_qh"):
-            raise InputError(f"FisorActor: uniform_proposals must be >= 0 and needs select='min_qh', got "
-                             f"{uniform_proposals} with select={select!r}")
-        if proposal_gain < 0:
-            raise InputError(f"FisorActor: proposal_gain must be >= 0, got {proposal_gain}")
         self.save_hyperparameters(ignore=["feasibility_critic", "reward_critic"])
+        self.check_acting_hparams(self.hparams)
         self.lr, self.cosine_decay_steps = lr, cosine_decay_steps
         self.net = NoiseResNet(obs_dim, act_dim, hidden_dim, num_blocks, dropout)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.schedule = DDPMSchedule(diffusion_steps)
         self.feasibility_critic = resolve_critic(feasibility_critic, FeasibilityCritic)
         self.reward_critic = resolve_critic(reward_critic, RewardCritic)
+
+    @classmethod
+    def check_acting_hparams(cls, hparams: dict) -> None:
+        candidates, select = hparams["num_candidates"], hparams["select"]
+        tolerance, clearance = hparams.get("select_tolerance", 0.0), hparams.get("select_clearance", 0.0)
+        proposals, gain = hparams.get("uniform_proposals", 0), hparams.get("proposal_gain", 0.0)
+        if candidates < 1:
+            raise InputError(f"FisorActor: num_candidates must be >= 1, got {candidates}")
+        if tolerance < 0 or clearance < 0:
+            raise InputError(f"FisorActor: select_tolerance and select_clearance must be >= 0, got "
+                             f"{tolerance}, {clearance}")
+        if proposals < 0 or (proposals > 0 and select != "min_qh"):
+            raise InputError(f"FisorActor: uniform_proposals must be >= 0 and needs select='min_qh', got "
+                             f"{proposals} with select={select!r}")
+        if gain < 0:
+            raise InputError(f"FisorActor: proposal_gain must be >= 0, got {gain}")
 
     # -- critics are frozen passengers: kept in eval mode, saved with the actor so a checkpoint can act --
     def train(self, mode: bool = True):
