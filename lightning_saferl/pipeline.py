@@ -47,8 +47,8 @@ it takes inputs from included, display-only keys `runs.RESULT_NEUTRAL_KEYS` left
 only for the same config, otherwise the run stops naming the changed keys, and `--restart STAGE ...` trains those
 stages (and the stages that take their output) afresh. A model's acting-only settings
 (`SafeRLModule.acting_hparams`, e.g. FisorActor's candidate choice) are not part of that config: a finished stage is
-reused with the recipe's values, which are written into its model.ckpt. The run directory also holds the resolved recipe
-(`config.yaml`), `run_info.json` (seed, package versions) and `summary.json` (evaluation of the final policy).
+reused with the recipe's values, which are written into its model.ckpt. The run directory also holds the resolved
+recipe (`config.yaml`), `run_info.json` (seed, package versions) and `summary.json` (evaluation of the final policy).
 """
 from __future__ import annotations
 
@@ -319,8 +319,8 @@ class _Plan:
         self.parsed, self.classes, self.records = {}, {}, {}
         for i, name in enumerate(self.names):
             self.classes[name], self.parsed[name] = _check_stage(name, configs[name], self.names[:i], cfg.overrides)
-            self.records[name] = _stage_record(self.parsed[name], cfg.seed_everything,
-                                               {s: self.records[s]["sha256"] for s in self.parsed[name].inputs.values()},
+            inputs = {s: self.records[s]["sha256"] for s in self.parsed[name].inputs.values()}
+            self.records[name] = _stage_record(self.parsed[name], cfg.seed_everything, inputs,
                                                self.classes[name].acting_hparams)
         shared = _dataset_key(cfg.data.as_dict())
         data = {name: {"data": parsed.data.as_dict()} for name, parsed in self.parsed.items()}
