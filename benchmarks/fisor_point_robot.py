@@ -24,7 +24,9 @@ Held-out starts: drawn from the evaluation stream ``EVALUATION_STREAM + start_se
 (`lightning_saferl.envs.oracle.feasible_starts`), never used by data collection, and checked to contain no row of
 the dataset. Reported figures use ``--start_seed 0``; tune with other start seeds (e.g. ``--start_seed 1``).
 Re-running on the same run_dir reuses finished stages of the same config and retrains the stages whose config
-changed (and those fed by them); BC checkpoints are named by seed, dataset and steps. Figures: <run_dir>/<dataset>/seed<S>/feasible_region.png (the oracle's shadow hatched).
+changed (and those fed by them); a change of the actor's acting settings only re-evaluates. BC checkpoints are
+named by seed, dataset and steps. Figures: <run_dir>/<dataset>/seed<S>/feasible_region.png (the oracle's shadow
+hatched).
 """
 from __future__ import annotations
 
@@ -225,7 +227,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="pipeline --smoke and few episodes (a check only)")
     parser.add_argument("--bc_steps", type=int, default=5000)
     parser.add_argument("--standard_episodes", type=int, default=20)
-    parser.add_argument("--feasible_episodes", type=int, default=500)
+    parser.add_argument("--feasible_episodes", type=int, default=2000,
+                        help="held-out feasible starts; at 500 the 3-seed mean of a ~1 %% rate has a standard error of "
+                             "~0.3 points")
     parser.add_argument("--jobs", type=int, default=1,
                         help="(seed, dataset) runs in this many worker processes (one thread each when > 1)")
     args = parser.parse_args()
