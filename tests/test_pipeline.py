@@ -241,6 +241,11 @@ def test_acting_settings_change_without_retraining(fisor_run, tmp_path, capsys):
     # a setting the weights depend on still retrains
     assert stage_conflicts(parse_args([*base[1:], "--stages.actor.model.init_args.feasibility_margin", "0.1"])) == {
         "actor": ["model.init_args.feasibility_margin"]}
+    # the contract the reuse rests on: trained afresh with these acting settings, the weights are the same
+    fresh = tmp_path / "fresh"
+    main(["pipeline", "--config", recipe, "--run_dir", str(fresh), *acting])
+    trained = torch.load(fresh / "actor" / "model.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.allclose(trained[k].float(), before["state_dict"][k].float(), atol=1e-6) for k in trained)
 
 
 def test_parallel_stages_train_independent_stages_at_once_and_match_the_sequential_run(fisor_run, tmp_path, capfd):
