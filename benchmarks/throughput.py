@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+
+import lightning_saferl  # noqa: F401  (first: it sets OpenMP's idle-spin default before torch starts OpenMP)
 import torch
 
 OBS_DIM, ACT_DIM = 11, 2
