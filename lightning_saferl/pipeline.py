@@ -47,11 +47,13 @@ it takes inputs from included, display-only keys `runs.RESULT_NEUTRAL_KEYS` left
 only for the same config, otherwise the run stops naming the changed keys, and `--restart STAGE ...` trains those
 stages (and the stages that take their output) afresh. A model's acting-only settings
 (`SafeRLModule.acting_hparams`, e.g. FisorActor's candidate choice) are not part of that config: a finished stage is
-reused with the recipe's values, which are written into its model.ckpt. The run directory also holds the resolved
-recipe (`config.yaml`), `run_info.json` (seed, package versions) and `summary.json` (evaluation of the final policy).
+reused with the recipe's values, which are written into its model.ckpt. While it runs, a pipeline holds a lock on
+its run directory (`.pipeline.lock`): a second one on the same directory stops at once. The run directory also
+holds the resolved recipe (`config.yaml`), `run_info.json` (seed, package versions) and `summary.json` (evaluation of the final policy).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -59,6 +61,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import socket
 import sys
 import time
 import traceback
@@ -383,12 +386,44 @@ def run_pipeline(cfg: Namespace, command: Optional[list[str]] = None) -> dict[st
     started = time.time()
     plan = _Plan(cfg)
     run_dir = plan.run_dir
-    _refuse(plan.conflicts(), run_dir)
 
     from lightning_saferl.envs import make_env
 
     make_env(plan.task_spec.task_id).close()  # a missing simulator fails now, not after training
     run_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(run_dir):
+        _refuse(plan.conflicts(), run_dir)
+        return _run_locked(plan, cfg, command, started)
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path):
+    """Hold `<run_dir>/.pipeline.lock`, an OS file lock (released when the process ends, however it ends), so that
+    two pipelines never train into one run directory; a second one stops at once naming the holder."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(run_dir / ".pipeline.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise InputError(f"{run_dir} is in use by another pipeline ({holder}); wait for it to finish or use "
+                             "another --run_dir") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_locked(plan: _Plan, cfg: Namespace, command: Optional[list[str]], started: float) -> dict[str, Any]:
+    run_dir = plan.run_dir
     _save_run_record(cfg, run_dir, command)
     todo = [name for name in plan.names if name in plan.restart or not (run_dir / name / "model.ckpt").exists()]
     trained: dict[str, SafeRLModule] = {}

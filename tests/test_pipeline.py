@@ -248,6 +248,27 @@ def test_acting_settings_change_without_retraining(fisor_run, tmp_path, capsys):
     assert all(torch.allclose(trained[k].float(), before["state_dict"][k].float(), atol=1e-6) for k in trained)
 
 
+def test_a_run_dir_in_use_by_another_pipeline_is_refused(fisor_run, tmp_path, capsys):
+    fcntl = pytest.importorskip("fcntl")
+    source, recipe = fisor_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    mtimes = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    with open(run / ".pipeline.lock", "a+") as held:  # as a running pipeline holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        held.write("pid 4242 on elsewhere")
+        held.flush()
+        with pytest.raises(SystemExit):
+            main(["pipeline", "--config", recipe, "--run_dir", str(run)])
+        err = capsys.readouterr().err
+        assert f"{run} is in use by another pipeline (pid 4242 on elsewhere)" in err
+        assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".pipeline.lock"} \
+            == {p: m for p, m in mtimes.items() if p.name != ".pipeline.lock"}  # nothing written
+    main(["pipeline", "--config", recipe, "--run_dir", str(run)])  # released: the rerun goes ahead
+    assert capsys.readouterr().out.count("finished earlier") == 3
+
+
 def test_parallel_stages_train_independent_stages_at_once_and_match_the_sequential_run(fisor_run, tmp_path, capfd):
     sequential, recipe = fisor_run
     run = tmp_path / "run"
