@@ -399,10 +399,14 @@ def run_pipeline(cfg: Namespace, command: Optional[list[str]] = None) -> dict[st
 @contextlib.contextmanager
 def _exclusive(run_dir: Path):
     """Hold `<run_dir>/.pipeline.lock`, an OS file lock (released when the process ends, however it ends), so that
-    two pipelines never train into one run directory; a second one stops at once naming the holder."""
+    two pipelines never train into one run directory; a second one stops at once naming the holder. Under DDP
+    every rank runs the pipeline: only the first process (rank 0 of node 0) takes the lock."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
+        fcntl = None
+    ranks = [int(os.environ.get(key) or 0) for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")]
+    if fcntl is None or any(ranks):
         yield
         return
     with open(run_dir / ".pipeline.lock", "a+") as handle:

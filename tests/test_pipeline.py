@@ -248,7 +248,7 @@ def test_acting_settings_change_without_retraining(fisor_run, tmp_path, capsys):
     assert all(torch.allclose(trained[k].float(), before["state_dict"][k].float(), atol=1e-6) for k in trained)
 
 
-def test_a_run_dir_in_use_by_another_pipeline_is_refused(fisor_run, tmp_path, capsys):
+def test_a_run_dir_in_use_by_another_pipeline_is_refused(fisor_run, tmp_path, capsys, monkeypatch):
     fcntl = pytest.importorskip("fcntl")
     source, recipe = fisor_run
     run = tmp_path / "run"
@@ -265,8 +265,11 @@ def test_a_run_dir_in_use_by_another_pipeline_is_refused(fisor_run, tmp_path, ca
         assert f"{run} is in use by another pipeline (pid 4242 on elsewhere)" in err
         assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".pipeline.lock"} \
             == {p: m for p, m in mtimes.items() if p.name != ".pipeline.lock"}  # nothing written
+        monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP rank's own run of the command takes no lock
+        main(["pipeline", "--config", recipe, "--run_dir", str(run)])
+        monkeypatch.delenv("LOCAL_RANK")
     main(["pipeline", "--config", recipe, "--run_dir", str(run)])  # released: the rerun goes ahead
-    assert capsys.readouterr().out.count("finished earlier") == 3
+    assert capsys.readouterr().out.count("finished earlier") == 6
 
 
 def test_parallel_stages_train_independent_stages_at_once_and_match_the_sequential_run(fisor_run, tmp_path, capfd):
