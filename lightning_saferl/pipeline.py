@@ -49,7 +49,8 @@ stages (and the stages that take their output) afresh. A model's acting-only set
 (`SafeRLModule.acting_hparams`, e.g. FisorActor's candidate choice) are not part of that config: a finished stage is
 reused with the recipe's values, which are written into its model.ckpt. While it runs, a pipeline holds a lock on
 its run directory (`.pipeline.lock`): a second one on the same directory stops at once. The run directory also
-holds the resolved recipe (`config.yaml`), `run_info.json` (seed, package versions) and `summary.json` (evaluation of the final policy).
+holds the resolved recipe (`config.yaml`), `run_info.json` (seed, package versions) and `summary.json`
+(evaluation of the final policy).
 """
 from __future__ import annotations
 
@@ -427,6 +428,7 @@ def _exclusive(run_dir: Path):
 
 
 def _run_locked(plan: _Plan, cfg: Namespace, command: Optional[list[str]], started: float) -> dict[str, Any]:
+    """`run_pipeline`'s work once the run directory is locked and its checkpoints are known to fit the config."""
     run_dir = plan.run_dir
     _save_run_record(cfg, run_dir, command)
     todo = [name for name in plan.names if name in plan.restart or not (run_dir / name / "model.ckpt").exists()]
