@@ -239,7 +239,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     rows: list[tuple[str, dict, str]] = []
     out: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
-                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                 "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
                  "load_average_1min_start": os.getloadavg()[0]}
 
     # the peak is sampled before and after the module timings (pooled median), so load drifts affect both alike

@@ -351,6 +351,7 @@ class _Plan:
             if name in self.restart or ckpt is None:
                 continue
             stored = stored_record(read_checkpoint(str(ckpt)))
+            # checkpoints written before acting settings left the record still hold them: not a difference either
             acting = {f"model.init_args.{key}" for key in self.classes[name].acting_hparams}
             changes = ["(no config recorded)"] if stored is None else \
                 [key for key in config_changes(stored, self.records[name]) if key not in acting]

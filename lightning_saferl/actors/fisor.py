@@ -222,14 +222,15 @@ class FisorActor(SafeRLModule):
         beats every candidate's Q_h by more than `proposal_gain` (eager: the flagged rows are data-dependent)."""
         h = self.hparams
         candidates = self.sample_candidates(obs, h.num_candidates)
-        actions = self._choose(obs, candidates)
+        candidate_q_h = self._scores(self.feasibility_critic, obs, candidates)
+        actions = self._choose(obs, candidates, candidate_q_h)
         flagged = (self.feasibility_critic.value(obs) > -h.get("feasibility_margin", 0.0)).nonzero().squeeze(1)
         proposals = torch.rand(len(flagged), h.uniform_proposals, h.act_dim, device=obs.device, dtype=obs.dtype)
         proposals = proposals * 2 - 1
         proposal_q_h = self._scores(self.feasibility_critic, obs[flagged], proposals)
         safest = proposal_q_h.argmin(dim=1)
-        candidate_q_h = self._scores(self.feasibility_critic, obs[flagged], candidates[flagged])
-        better = proposal_q_h.min(dim=1).values < candidate_q_h.min(dim=1).values - h.get("proposal_gain", 0.0)
+        better = proposal_q_h.min(dim=1).values < \
+            candidate_q_h[flagged].min(dim=1).values - h.get("proposal_gain", 0.0)
         actions[flagged[better]] = proposals[better, safest[better]]
         return actions
 
@@ -240,13 +241,15 @@ class FisorActor(SafeRLModule):
         flat = critic.q_value(repeat(obs, "b o -> (b n) o", n=n), rearrange(candidates, "b n a -> (b n) a"))
         return rearrange(flat, "(b n) -> b n", n=n)
 
-    def _choose(self, obs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    def _choose(self, obs: torch.Tensor, candidates: torch.Tensor,
+                q_h: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, obs_dim), (B, N, act_dim) -> (B, act_dim): the candidate with the lowest Q_h (select="min_qh"; with
-        a tolerance, the band rule of the module docstring) or the highest Q."""
+        a tolerance, the band rule of the module docstring) or the highest Q. `q_h`: the candidates' Q_h (B, N) when
+        the caller has it already."""
         if candidates.shape[1] == 1:
             return candidates[:, 0]
         if self.hparams.select == "min_qh":
-            q_h = self._scores(self.feasibility_critic, obs, candidates)
+            q_h = self._scores(self.feasibility_critic, obs, candidates) if q_h is None else q_h
             scores = -q_h
             tolerance = self.hparams.get("select_tolerance", 0.0)
             if tolerance > 0:  # the band B of the module docstring: highest Q in it, lowest Q_h where it is empty
