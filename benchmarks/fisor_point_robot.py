@@ -18,6 +18,10 @@ with ``--set`` values on top (an ablation; default none), runs as a pipeline (``
   *_violation_rate_tight          the same on the *tight* starts only: feasible, but at most 3 of the oracle's 7
                                   braking manoeuvres escape (`escape_margin`), i.e. a nearly exact manoeuvre is
                                   needed; ``tight_start_fraction`` is their share of the starts
+  critic_greedy_violation_rate_tight  the feasibility critic alone on the tight starts: each step the lowest Q_h of
+                                  512 uniform actions and the oracle's 7 braking actions (`greedy_violations`), no
+                                  actor; 0 for a perfect action ranking. Beside it (``one_step_rule_*``) the same
+                                  rollout ranked by h one step ahead (the dynamics' next state; no critic)
 then every seed's figures, their mean and standard deviation, and as the last stdout line one JSON object.
 
 Held-out starts: drawn from the evaluation stream ``EVALUATION_STREAM + start_seed``
@@ -49,7 +53,7 @@ from lightning_saferl.data.collect import summarize
 from lightning_saferl.data.datamodule import OfflineDataModule
 from lightning_saferl.envs import point_robot as pr
 from lightning_saferl.envs.oracle import (
-    dataset_rows_among, escape_margin, feasibility_scores, feasible_starts, is_feasible,
+    dataset_rows_among, escape_margin, feasibility_scores, feasible_starts, greedy_violations, is_feasible,
 )
 from lightning_saferl.evaluation import EpisodeRunner
 from lightning_saferl.pipeline import parse_args, print_table, run_pipeline, stage_conflicts
@@ -60,6 +64,7 @@ GRID = 101  # grid points per axis of each slice
 TIGHT_MARGIN = 3  # a start is tight when at most this many of the oracle's 7 braking manoeuvres escape
 SUMMARY_KEYS = ("feasible_start_violation_rate", "bc_safe_violation_rate", "bc_all_violation_rate",
                 "feasible_start_violation_rate_tight", "bc_safe_violation_rate_tight",
+                "critic_greedy_violation_rate_tight",
                 "feasible_start_violation_rate_other", "bc_safe_violation_rate_other", "goal_rate",
                 "bc_safe_goal_rate", "bc_all_goal_rate", "return_mean", "bc_safe_return_mean", "shadow_recall",
                 "false_infeasible_rate", "feasible_region_iou", "dataset_shadow_recall",
@@ -121,6 +126,7 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
         _, ious = plot_feasible_region(value_fn, DEFAULT_SLICES, GRID, str(seed_dir / "feasible_region.png"))
         grid = region_scores(value_fn, DEFAULT_SLICES, GRID)
         on_data = feasibility_scores(critic.feasible(data["observations"]), data["oracle"], data["hazard"])
+        critic_greedy = greedy_violations(critic.q_value, data["tight_starts"]).float().mean()  # nan without any
     bc_all = train_bc(BCAll, args.bc_steps, seed_dir, seed, behavior).eval()
     bc_safe = train_bc(BCSafe, args.bc_steps, seed_dir, seed, behavior).eval()
 
@@ -149,6 +155,7 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
         "bc_all_violation_rate": violation_rate["bc_all"], "bc_safe_violation_rate": violation_rate["bc_safe"],
         "feasible_start_violation_rate_tight": rate_on("fisor", tight),
         "bc_safe_violation_rate_tight": rate_on("bc_safe", tight),
+        "critic_greedy_violation_rate_tight": float(critic_greedy),
         "feasible_start_violation_rate_other": rate_on("fisor", ~tight),
         "bc_safe_violation_rate_other": rate_on("bc_safe", ~tight),
         "goal_rate": float(episodes["fisor"]["success"].mean()),
@@ -172,6 +179,10 @@ def prepare_dataset(behavior: str, args) -> dict:
         raise RuntimeError(f"{overlap} held-out evaluation starts are rows of the {behavior} dataset")
     data["starts"] = [{"state": s.tolist()} for s in start_states]
     data["escape_margin"] = escape_margin(start_states).numpy()
+    data["tight_starts"] = start_states[torch.from_numpy(data["escape_margin"] <= TIGHT_MARGIN)]
+    one_step = greedy_violations(lambda obs, act: pr.constraint_value(pr.step_states(
+        pr.state_from_observation(obs.double()), act.double())), data["tight_starts"])
+    data["one_step_rule_greedy"] = float(one_step.float().mean())
     with torch.no_grad():
         data["trivial_grid"] = region_scores(lambda obs: -obs[:, 5::3].min(dim=-1).values + pr.HAZARD_RADIUS,
                                              DEFAULT_SLICES, GRID)  # h(s) = radius - nearest hazard distance
@@ -207,6 +218,7 @@ def summarize_dataset(behavior: str, data: dict, per_seed: dict, seeds: list[int
         "trivial_false_infeasible_rate": data["trivial_grid"]["false_infeasible_rate"],
         "trivial_feasible_region_iou": data["trivial_grid"]["iou"],
         "trivial_dataset_shadow_recall": data["trivial_data"]["shadow_recall"],
+        "one_step_rule_greedy_violation_rate_tight": data["one_step_rule_greedy"],
         "dataset_stats": data["stats"],
         "per_seed": per_seed,
         "minutes_per_seed": statistics.fmean(per_seed[s]["minutes"] for s in seeds),

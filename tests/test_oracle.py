@@ -7,7 +7,7 @@ from lightning_saferl.envs import point_robot as pr
 from lightning_saferl.data.collect import rollout_point_robot
 from lightning_saferl.envs.oracle import (
     dataset_rows_among, escape_margin, feasibility_scores, feasible_region_iou, feasible_starts, grid_slice,
-    is_feasible, TURN_RATES,
+    greedy_violations, is_feasible, TURN_RATES,
 )
 
 DOWN = -math.pi / 2  # heading from above straight at hazard 1, centred at (0.4, -1.2)
@@ -131,3 +131,32 @@ def test_feasible_starts_are_held_out_from_collected_data():
     collection_stream = pr.sample_random_starts(200, torch.Generator().manual_seed(0))
     assert dataset_rows_among(collection_stream, observations) > 50
     assert not torch.equal(feasible_starts(200, start_seed=1), starts)
+
+
+def _next_state(obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    return pr.step_states(pr.state_from_observation(obs.double()), act.double())
+
+
+def test_greedy_rollout_loses_no_start_with_a_perfect_ranking_and_many_with_poor_ones():
+    starts = feasible_starts(600, 3)
+    tight = starts[escape_margin(starts) <= 3]
+    assert len(tight) >= 15
+    # ranking by the oracle's escape margin one step ahead: the braking actions keep a working manoeuvre working
+    perfect = greedy_violations(lambda obs, act: -escape_margin(_next_state(obs, act)).double(), tight, proposals=16)
+    assert not perfect.any()
+    # ranking by the hazard distance one step ahead (no reachability): loses a share of the tight starts
+    myopic = greedy_violations(lambda obs, act: pr.constraint_value(_next_state(obs, act)), tight)
+    assert 0.2 < myopic.float().mean() < 0.8
+    # a critic that prefers full throttle straight on loses nearly all of them
+    reckless = greedy_violations(lambda obs, act: -act[:, 0] + act[:, 1].abs(), tight, proposals=16)
+    assert reckless.float().mean() > 0.9
+
+
+def test_greedy_rollout_is_seeded_and_checks_its_input():
+    starts = feasible_starts(50, 4)
+    noisy = lambda obs, act: pr.constraint_value(_next_state(obs, act)) + 0.05 * act[:, 1]  # noqa: E731
+    assert torch.equal(greedy_violations(noisy, starts, seed=1), greedy_violations(noisy, starts, seed=1))
+    with pytest.raises(ValueError, match="shape"):
+        greedy_violations(noisy, starts[:, :3])
+    with pytest.raises(ValueError, match="proposals"):
+        greedy_violations(noisy, starts, proposals=-1)

@@ -20,11 +20,13 @@ All states and manoeuvres are simulated in one batched tensor computation (a loo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from lightning_saferl.envs.point_robot import DT, in_hazard, observe, sample_random_starts, step_states
+from lightning_saferl.envs.point_robot import (
+    DT, in_hazard, observe, out_of_bounds, reached_goal, sample_random_starts, step_states,
+)
 
 TURN_RATES = (-1.0, -2.0 / 3.0, -1.0 / 3.0, 0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0)
 
@@ -138,3 +140,39 @@ def dataset_rows_among(states: torch.Tensor, observations: torch.Tensor) -> int:
 
     seen = set(rows(observations))
     return sum(row in seen for row in rows(observe(states.double())))
+
+
+def greedy_violations(q_h: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], starts: torch.Tensor,
+                      proposals: int = 512, steps: int = 80, seed: int = 0) -> torch.Tensor:
+    """(B,) bool: the starts from which a *critic-greedy* rollout enters a hazard within `steps` steps.
+
+    Each step scores the oracle's braking actions (-1, u1) for u1 in `TURN_RATES` and `proposals` uniform actions
+    in [-1, 1]^2 with ``q_h(observations (M, 11) float32, actions (M, 2) float32) -> (M,)`` and takes the lowest;
+    a rollout ends where an episode would (goal reached, arena left). No actor is involved: this measures how a
+    feasibility critic ranks *actions*. From an oracle-feasible start a perfect ranking never loses (the first
+    action of a working braking manoeuvre leaves that manoeuvre working from the next state), so each violating
+    start is a ranking error of the critic. The uniform draws come from a generator seeded with `seed`.
+    """
+    if starts.ndim != 2 or starts.shape[-1] != 4:
+        raise ValueError(f"greedy_violations: starts must have shape (B, 4), got {tuple(starts.shape)}")
+    if proposals < 0 or steps < 1:
+        raise ValueError(f"greedy_violations: need proposals >= 0 and steps >= 1, got {proposals}, {steps}")
+    generator = torch.Generator().manual_seed(seed)
+    braking = torch.stack((torch.full((len(TURN_RATES),), -1.0), torch.tensor(TURN_RATES)), dim=-1)
+    state = starts.clone()
+    alive = torch.ones(len(starts), dtype=torch.bool)
+    violated = in_hazard(state)
+    for _ in range(steps):
+        rows = alive.nonzero().squeeze(1)
+        if len(rows) == 0:
+            break
+        actions = torch.cat((braking.expand(len(rows), -1, -1),
+                             torch.rand(len(rows), proposals, 2, generator=generator) * 2 - 1), dim=1)
+        count = actions.shape[1]
+        obs = observe(state[rows]).float().repeat_interleave(count, dim=0)
+        scores = q_h(obs, actions.reshape(-1, 2)).view(len(rows), count)
+        chosen = actions[torch.arange(len(rows)), scores.argmin(dim=1)]
+        state[rows] = step_states(state[rows], chosen.to(state.dtype))
+        violated[rows] |= in_hazard(state[rows])
+        alive[rows] = ~(reached_goal(state[rows]) | out_of_bounds(state[rows]))
+    return violated
