@@ -21,7 +21,10 @@ hazard the escape can be a narrow corner of the action box that the weighted clo
 one, u* = argmin_k Q_h(s, u_k), replaces the candidates' choice only if
     Q_h(s, u*) < min_c Q_h(s, c) - g        (g = ``proposal_gain``),
 so the actor keeps control unless the critic sees a clear gain: the lowest of K + N noisy estimates is biased low,
-and near a boundary they differ by a few thousandths. K = 0 is the reference's rule.
+and near a boundary they differ by a few thousandths. K = 0 is the reference's rule. With ``proposal_snap`` p > 0
+each coordinate of a proposal is set to the nearer bound (its sign) with probability p, so a share p^act_dim of the
+proposals are vertices of the box and more lie on its faces: for control-affine dynamics (PointRobot's) the
+safety-optimal control of HJ reachability is bang-bang, a vertex, which uniform draws never reach exactly.
 EMA after update k: ema <- (1 - tau_k) ema + tau_k net with tau_k = max(ema_tau, 9 / (10 + k)) (warm-up: the
 random initialisation is forgotten within the first updates, however short the run), or tau_k = ema_tau.
 """
@@ -68,7 +71,7 @@ class FisorActor(SafeRLModule):
     _compile_devices: tuple[str, ...] = ("cuda",)
     _compile_options: dict = {"mode": "reduce-overhead"}
     acting_hparams = ("num_candidates", "select", "select_tolerance", "select_clearance", "uniform_proposals",
-                      "proposal_gain")
+                      "proposal_gain", "proposal_snap")
 
     def __init__(self, obs_dim: int, act_dim: int,
                  feasibility_critic: Union[str, FeasibilityCritic, None] = None,
@@ -78,7 +81,7 @@ class FisorActor(SafeRLModule):
                  ema_warmup: bool = True,
                  num_candidates: int = 16, select: Literal["min_qh", "max_q"] = "min_qh",
                  select_tolerance: float = 0.0, select_clearance: float = 0.0, uniform_proposals: int = 0,
-                 proposal_gain: float = 0.0,
+                 proposal_gain: float = 0.0, proposal_snap: float = 0.0,
                  infeasible_temperature: float = 5.0, infeasible_weight_max: float = 150.0,
                  infeasible_weight_min: float = 1.0, feasibility_margin: float = 0.0,
                  feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0,
@@ -108,6 +111,9 @@ class FisorActor(SafeRLModule):
                              f"{proposals} with select={select!r}")
         if gain < 0:
             raise InputError(f"FisorActor: proposal_gain must be >= 0, got {gain}")
+        snap = hparams.get("proposal_snap", 0.0)
+        if not 0 <= snap <= 1:
+            raise InputError(f"FisorActor: proposal_snap is a probability in [0, 1], got {snap}")
 
     # -- critics are frozen passengers: kept in eval mode, saved with the actor so a checkpoint can act --
     def train(self, mode: bool = True):
@@ -218,8 +224,9 @@ class FisorActor(SafeRLModule):
         return self._choose(obs, self.sample_candidates(obs, self.hparams.num_candidates))
 
     def _act_with_proposals(self, obs: torch.Tensor) -> torch.Tensor:
-        """As `_act`; at critic-infeasible states the safest of K uniform proposals replaces the choice where it
-        beats every candidate's Q_h by more than `proposal_gain` (eager: the flagged rows are data-dependent)."""
+        """As `_act`; at critic-infeasible states the safest of K uniform proposals (some coordinates snapped to the
+        bounds with `proposal_snap`) replaces the choice where it beats every candidate's Q_h by more than
+        `proposal_gain` (eager: the flagged rows are data-dependent)."""
         h = self.hparams
         candidates = self.sample_candidates(obs, h.num_candidates)
         candidate_q_h = self._scores(self.feasibility_critic, obs, candidates)
@@ -227,6 +234,9 @@ class FisorActor(SafeRLModule):
         flagged = (self.feasibility_critic.value(obs) > -h.get("feasibility_margin", 0.0)).nonzero().squeeze(1)
         proposals = torch.rand(len(flagged), h.uniform_proposals, h.act_dim, device=obs.device, dtype=obs.dtype)
         proposals = proposals * 2 - 1
+        if h.get("proposal_snap", 0.0) > 0:
+            snapped = torch.rand_like(proposals) < h.proposal_snap
+            proposals = torch.where(snapped, proposals.sign(), proposals)
         proposal_q_h = self._scores(self.feasibility_critic, obs[flagged], proposals)
         safest = proposal_q_h.argmin(dim=1)
         better = proposal_q_h.min(dim=1).values < \
