@@ -54,6 +54,7 @@ from lightning_saferl.data.datamodule import OfflineDataModule
 from lightning_saferl.envs import point_robot as pr
 from lightning_saferl.envs.oracle import (
     dataset_rows_among, escape_margin, feasibility_scores, feasible_starts, greedy_violations, is_feasible,
+    one_step_hazard_rule,
 )
 from lightning_saferl.evaluation import EpisodeRunner
 from lightning_saferl.pipeline import parse_args, print_table, run_pipeline, stage_conflicts
@@ -180,8 +181,7 @@ def prepare_dataset(behavior: str, args) -> dict:
     data["starts"] = [{"state": s.tolist()} for s in start_states]
     data["escape_margin"] = escape_margin(start_states).numpy()
     data["tight_starts"] = start_states[torch.from_numpy(data["escape_margin"] <= TIGHT_MARGIN)]
-    one_step = greedy_violations(lambda obs, act: pr.constraint_value(pr.step_states(
-        pr.state_from_observation(obs.double()), act.double())), data["tight_starts"])
+    one_step = greedy_violations(one_step_hazard_rule, data["tight_starts"])
     data["one_step_rule_greedy"] = float(one_step.float().mean())
     with torch.no_grad():
         data["trivial_grid"] = region_scores(lambda obs: -obs[:, 5::3].min(dim=-1).values + pr.HAZARD_RADIUS,

@@ -7,7 +7,7 @@ from lightning_saferl.envs import point_robot as pr
 from lightning_saferl.data.collect import rollout_point_robot
 from lightning_saferl.envs.oracle import (
     dataset_rows_among, escape_margin, feasibility_scores, feasible_region_iou, feasible_starts, grid_slice,
-    greedy_violations, is_feasible, TURN_RATES,
+    greedy_violations, is_feasible, one_step_hazard_rule, TURN_RATES,
 )
 
 DOWN = -math.pi / 2  # heading from above straight at hazard 1, centred at (0.4, -1.2)
@@ -145,7 +145,7 @@ def test_greedy_rollout_loses_no_start_with_a_perfect_ranking_and_many_with_poor
     perfect = greedy_violations(lambda obs, act: -escape_margin(_next_state(obs, act)).double(), tight, proposals=16)
     assert not perfect.any()
     # ranking by the hazard distance one step ahead (no reachability): loses a share of the tight starts
-    myopic = greedy_violations(lambda obs, act: pr.constraint_value(_next_state(obs, act)), tight)
+    myopic = greedy_violations(one_step_hazard_rule, tight)
     assert 0.2 < myopic.float().mean() < 0.8
     # a critic that prefers full throttle straight on loses nearly all of them
     reckless = greedy_violations(lambda obs, act: -act[:, 0] + act[:, 1].abs(), tight, proposals=16)
@@ -154,7 +154,7 @@ def test_greedy_rollout_loses_no_start_with_a_perfect_ranking_and_many_with_poor
 
 def test_greedy_rollout_is_seeded_and_checks_its_input():
     starts = feasible_starts(50, 4)
-    noisy = lambda obs, act: pr.constraint_value(_next_state(obs, act)) + 0.05 * act[:, 1]  # noqa: E731
+    noisy = lambda obs, act: one_step_hazard_rule(obs, act) + 0.05 * act[:, 1]  # noqa: E731
     assert torch.equal(greedy_violations(noisy, starts, seed=1), greedy_violations(noisy, starts, seed=1))
     with pytest.raises(ValueError, match="shape"):
         greedy_violations(noisy, starts[:, :3])

@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lightning_saferl.envs.point_robot import (
-    DT, in_hazard, observe, out_of_bounds, reached_goal, sample_random_starts, step_states,
+    DT, constraint_value, in_hazard, observe, out_of_bounds, reached_goal, sample_random_starts,
+    state_from_observation, step_states,
 )
 
 TURN_RATES = (-1.0, -2.0 / 3.0, -1.0 / 3.0, 0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0)
@@ -176,3 +177,9 @@ def greedy_violations(q_h: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         violated[rows] |= in_hazard(state[rows])
         alive[rows] = ~(reached_goal(state[rows]) | out_of_bounds(state[rows]))
     return violated
+
+
+def one_step_hazard_rule(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """h one step ahead, ``constraint_value(step(s, a))`` for (M, 11) observations and (M, 2) actions: the
+    critic-free ranking beside a critic in `greedy_violations` (it uses the dynamics, no reachability)."""
+    return constraint_value(step_states(state_from_observation(obs.double()), actions.double()))
