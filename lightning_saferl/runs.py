@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -52,15 +53,18 @@ def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
 
 
 def package_versions() -> dict[str, Optional[str]]:
+    """Versions of Python and the packages a run depends on; torch's as `torch.__version__`, whose local tag (+cpu,
+    +cu130) names the build: the installed distribution's metadata omits it for some builds."""
     import importlib.metadata as md
     import platform
 
     versions: dict[str, Optional[str]] = {"python": platform.python_version()}
-    for pkg in ("lightning-saferl", "torch", "lightning", "gymnasium", "numpy", "h5py", "jsonargparse"):
+    for pkg in ("lightning-saferl", "lightning", "gymnasium", "numpy", "h5py", "jsonargparse"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
+    versions["torch"] = torch.__version__
     return versions
 
 

@@ -151,7 +151,7 @@ def test_ema_follows_the_warmup_rates_in_a_trainer(tmp_path):
 
     class Snapshot(L.Callback):  # callbacks' hooks run before the module's: sees net_k before the EMA update
         def on_train_start(self, trainer, module):
-            snapshots.append(torch.cat([p.detach().flatten() for p in module.net.parameters()]))
+            snapshots.append(torch.cat([p.detach().flatten() for p in module.net.parameters()]).cpu())
 
         def on_train_batch_end(self, trainer, module, *args):
             self.on_train_start(trainer, module)
@@ -162,7 +162,7 @@ def test_ema_follows_the_warmup_rates_in_a_trainer(tmp_path):
     init, net1, net2 = snapshots
     t0, t1 = 0.9, 9 / 11
     expected = (1 - t1) * ((1 - t0) * init + t0 * net1) + t1 * net2
-    ema = torch.cat([p.flatten() for p in actor.ema.parameters()])
+    ema = torch.cat([p.flatten() for p in actor.ema.parameters()]).cpu()
     assert not torch.allclose(net1, net2)
     assert torch.allclose(ema, expected, atol=1e-6)
 

@@ -32,7 +32,8 @@ CASES = {
 
 
 def flat(module: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in module.parameters()])
+    """The parameters as one CPU vector (the Trainer may have moved the module to a GPU)."""
+    return torch.cat([p.detach().flatten() for p in module.parameters()]).cpu()
 
 
 @pytest.fixture(scope="module")

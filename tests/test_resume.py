@@ -5,6 +5,9 @@ are exactly the uninterrupted run's losses K+1..K+50.
 The stream of each step is seeded from (seed, rank, step) (`SafeRLModule.on_train_batch_start`), so nothing of the
 global generator's state needs to be in the checkpoint. The resumed process here draws numbers of its own before
 fitting, as a different process history would: only the seed given to `seed_everything` may matter.
+`Trainer(deterministic=True)`: on CUDA some kernels add in a varying order (atomic adds), so without it the resumed
+FisorActor run differed from the uninterrupted one in the 7th digit from the 6th step after the resume (H200); with
+it two uninterrupted GPU runs agreed exactly. On CPU it changes nothing.
 """
 from __future__ import annotations
 
@@ -63,10 +66,19 @@ def fit(name: str, data_path: str, checkpoints, callbacks=(), ckpt_path=None) ->
         torch.rand(17)  # another process history: the global generator is somewhere else
     recorder = LossRecorder()
     trainer = pl.Trainer(max_steps=STOP + AFTER, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         deterministic=True,
                          callbacks=[recorder, LastCheckpoint(str(checkpoints), every_n_train_steps=STOP), *callbacks])
     data = OfflineDataModule(path=data_path, batch_size=32, steps_per_epoch=25, seed=0)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     return recorder.losses
+
+
+@pytest.fixture(autouse=True)
+def restore_determinism():
+    """`Trainer(deterministic=True)` switches torch's deterministic algorithms on for the whole process."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled)
 
 
 @pytest.fixture(scope="module")
