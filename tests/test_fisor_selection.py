@@ -91,25 +91,30 @@ def test_uniform_proposals_reach_an_escape_the_candidates_miss_only_where_the_cr
         FisorActor(obs_dim=3, act_dim=2, uniform_proposals=8, proposal_gain=-0.01)
 
 
-def test_snapped_proposals_reach_the_box_vertex_that_uniform_ones_only_approach(monkeypatch):
+def test_snapped_or_added_vertices_reach_the_box_vertex_that_uniform_proposals_only_approach(monkeypatch):
     candidates = torch.zeros(1, 3, 2)
     obs = torch.tensor([[0.1, 0.0, 0.0]])  # critic-infeasible: the proposals act
 
-    def chosen(snap: float) -> torch.Tensor:
+    def chosen(snap: float = 0.0, vertices: bool = False, proposals: int = 256) -> torch.Tensor:
         actor = FisorActor(obs_dim=3, act_dim=2, hidden_dim=16, num_blocks=1, num_candidates=3,
-                           feasibility_margin=0.25, uniform_proposals=256, proposal_snap=snap)
+                           feasibility_margin=0.25, uniform_proposals=proposals, proposal_snap=snap,
+                           proposal_vertices=vertices)
         monkeypatch.setattr(actor, "sample_candidates", lambda obs, n: candidates)
         actor.feasibility_critic = _CornerCritic()
         torch.manual_seed(0)
         return actor.act(obs)[0]
 
     corner = torch.tensor([1.0, -1.0])
-    assert 0 < (chosen(0.0) - corner).norm() < 0.2   # near the safest corner, never on it
-    assert torch.equal(chosen(0.5), corner)            # a quarter of the proposals are vertices
-    assert torch.equal(chosen(1.0), corner)
+    assert 0 < (chosen() - corner).norm() < 0.2   # near the safest corner, never on it
+    assert torch.equal(chosen(snap=0.5), corner)    # a quarter of the proposals are vertices
+    assert torch.equal(chosen(snap=1.0), corner)
+    assert torch.equal(chosen(vertices=True), corner)
+    assert torch.equal(chosen(vertices=True, proposals=1), corner)  # the 4 vertices beside a single draw
     for snap in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"proposal_snap is a probability in \[0, 1\]"):
             FisorActor(obs_dim=3, act_dim=2, uniform_proposals=8, proposal_snap=snap)
+    with pytest.raises(ValueError, match="proposal_vertices needs uniform_proposals > 0"):
+        FisorActor(obs_dim=3, act_dim=2, proposal_vertices=True)
 
 
 def test_acting_settings_change_on_a_trained_actor_and_training_settings_do_not(monkeypatch):

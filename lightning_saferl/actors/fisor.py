@@ -24,13 +24,15 @@ so the actor keeps control unless the critic sees a clear gain: the lowest of K 
 and near a boundary they differ by a few thousandths. K = 0 is the reference's rule. With ``proposal_snap`` p > 0
 each coordinate of a proposal is set to the nearer bound (its sign) with probability p, so a share p^act_dim of the
 proposals are vertices of the box and more lie on its faces: for control-affine dynamics (PointRobot's) the
-safety-optimal control of HJ reachability is bang-bang, a vertex, which uniform draws never reach exactly.
+safety-optimal control of HJ reachability is bang-bang, a vertex, which uniform draws never reach exactly. With
+``proposal_vertices`` the box's 2^act_dim vertices are scored beside the K uniform proposals, under the same gain.
 EMA after update k: ema <- (1 - tau_k) ema + tau_k net with tau_k = max(ema_tau, 9 / (10 + k)) (warm-up: the
 random initialisation is forgotten within the first updates, however short the run), or tau_k = ema_tau.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Callable, Literal, Optional, Union
 
 import torch
@@ -71,7 +73,7 @@ class FisorActor(SafeRLModule):
     _compile_devices: tuple[str, ...] = ("cuda",)
     _compile_options: dict = {"mode": "reduce-overhead"}
     acting_hparams = ("num_candidates", "select", "select_tolerance", "select_clearance", "uniform_proposals",
-                      "proposal_gain", "proposal_snap")
+                      "proposal_gain", "proposal_snap", "proposal_vertices")
 
     def __init__(self, obs_dim: int, act_dim: int,
                  feasibility_critic: Union[str, FeasibilityCritic, None] = None,
@@ -81,7 +83,7 @@ class FisorActor(SafeRLModule):
                  ema_warmup: bool = True,
                  num_candidates: int = 16, select: Literal["min_qh", "max_q"] = "min_qh",
                  select_tolerance: float = 0.0, select_clearance: float = 0.0, uniform_proposals: int = 0,
-                 proposal_gain: float = 0.0, proposal_snap: float = 0.0,
+                 proposal_gain: float = 0.0, proposal_snap: float = 0.0, proposal_vertices: bool = False,
                  infeasible_temperature: float = 5.0, infeasible_weight_max: float = 150.0,
                  infeasible_weight_min: float = 1.0, feasibility_margin: float = 0.0,
                  feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0,
@@ -114,6 +116,8 @@ class FisorActor(SafeRLModule):
         snap = hparams.get("proposal_snap", 0.0)
         if not 0 <= snap <= 1:
             raise InputError(f"FisorActor: proposal_snap is a probability in [0, 1], got {snap}")
+        if hparams.get("proposal_vertices", False) and proposals == 0:
+            raise InputError("FisorActor: proposal_vertices needs uniform_proposals > 0 (they are scored together)")
 
     # -- critics are frozen passengers: kept in eval mode, saved with the actor so a checkpoint can act --
     def train(self, mode: bool = True):
@@ -225,8 +229,8 @@ class FisorActor(SafeRLModule):
 
     def _act_with_proposals(self, obs: torch.Tensor) -> torch.Tensor:
         """As `_act`; at critic-infeasible states the safest of K uniform proposals (some coordinates snapped to the
-        bounds with `proposal_snap`) replaces the choice where it beats every candidate's Q_h by more than
-        `proposal_gain` (eager: the flagged rows are data-dependent)."""
+        bounds with `proposal_snap`; the box's vertices added with `proposal_vertices`) replaces the choice where it
+        beats every candidate's Q_h by more than `proposal_gain` (eager: the flagged rows are data-dependent)."""
         h = self.hparams
         candidates = self.sample_candidates(obs, h.num_candidates)
         candidate_q_h = self._scores(self.feasibility_critic, obs, candidates)
@@ -237,6 +241,10 @@ class FisorActor(SafeRLModule):
         if h.get("proposal_snap", 0.0) > 0:
             snapped = torch.rand_like(proposals) < h.proposal_snap
             proposals = torch.where(snapped, proposals.sign(), proposals)
+        if h.get("proposal_vertices", False):
+            vertices = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=h.act_dim)), device=obs.device,
+                                    dtype=obs.dtype)
+            proposals = torch.cat((vertices.expand(len(flagged), -1, -1), proposals), dim=1)
         proposal_q_h = self._scores(self.feasibility_critic, obs[flagged], proposals)
         safest = proposal_q_h.argmin(dim=1)
         better = proposal_q_h.min(dim=1).values < \
