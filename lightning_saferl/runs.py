@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 __all__ = ["atomic_write_text", "write_run_record", "RunRecord", "write_run_info", "package_versions", "trainer_arguments",
@@ -125,7 +125,8 @@ def trainer_arguments(config: dict, last_checkpoint: Any = None,
     every lightning-saferl run is. The run directory is the next `<default_root_dir>/lightning_logs/version_N`;
     with `logger` unset or True, CSV + TensorBoard loggers write there; `last_checkpoint` (a LastCheckpoint, its
     `dirpath` defaulting to `<run directory>/checkpoints`) joins the callbacks unless checkpointing is disabled;
-    `record` is written into every checkpoint."""
+    a `TimedProgressBar` joins them unless the bar is disabled or they hold one; `record` is written into every
+    checkpoint."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     config = dict(config)
@@ -138,6 +139,10 @@ def trainer_arguments(config: dict, last_checkpoint: Any = None,
         if last_checkpoint.dirpath is None:
             last_checkpoint.dirpath = str(run_dir / "checkpoints")
         callbacks.append(last_checkpoint)
+    if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        from lightning_saferl.callbacks.progress import TimedProgressBar
+
+        callbacks.append(TimedProgressBar())
     config["callbacks"] = callbacks
     if config.get("logger") in (None, True):
         # CSV first: it is the log_dir owner, and it must find the directory empty (TensorBoard writes at once)

@@ -1,4 +1,4 @@
-"""SafeRollout, FeasibleRegionPlot and SafeCheckpoint inside real (tiny) Trainer runs."""
+"""SafeRollout, FeasibleRegionPlot, SafeCheckpoint and TimedProgressBar inside real (tiny) Trainer runs."""
 import csv
 import math
 import os
@@ -11,8 +11,8 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_saferl.callbacks import (FeasibleRegionPlot, SafeCheckpoint, SafeRollout, plot_feasible_region,
-                                        safety_score)
+from lightning_saferl.callbacks import (FeasibleRegionPlot, SafeCheckpoint, SafeRollout, TimedProgressBar,
+                                        plot_feasible_region, safety_score)
 from lightning_saferl.callbacks.checkpoint import UNSAFE_OFFSET
 from lightning_saferl.callbacks.rollout import publish
 from lightning_saferl.data.tasks import TaskSpec
@@ -289,3 +289,39 @@ def test_safe_rollout_under_ddp_matches_single_process(tmp_path):
     single = EpisodeRunner(TOY, episodes=5, num_envs=5, env_factory=ToyEnv, progress=False).run(module)
     assert m0["rollout/return_mean"] == pytest.approx(single["return_mean"], abs=1e-6)
     assert m0["rollout/cost_mean"] == pytest.approx(single["cost_mean"], abs=1e-6)
+
+
+class BarWatcher(TinyActor):
+    """Records the training bar's position after each batch (module hooks run after the callbacks')."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions = []
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.positions.append(self.trainer.progress_bar_callback.train_progress_bar.n)
+
+
+@pytest.mark.parametrize("interval, positions", [
+    (0.0, [1, 2, 3, 4, 5, 6, 7, 8] * 2),  # redrawn after every batch, as Lightning's own bar
+    (3600.0, [1] * 7 + [8] + [0] * 7 + [8]),  # the first draw, then only each epoch's last batch
+])
+def test_timed_progress_bar_redraws_by_time_and_at_each_epochs_end(tmp_path, interval, positions):
+    module = BarWatcher()
+    pl.Trainer(max_epochs=2, callbacks=[TimedProgressBar(interval=interval)], logger=False,
+               enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path).fit(module)
+    assert module.positions == positions
+
+
+def test_runs_get_the_timed_progress_bar_unless_it_is_disabled_or_they_have_a_bar(tmp_path):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from lightning_saferl.runs import trainer_arguments
+
+    config, _ = trainer_arguments({"default_root_dir": str(tmp_path)})
+    assert [type(c) for c in config["callbacks"]] == [TimedProgressBar]
+    config, _ = trainer_arguments({"default_root_dir": str(tmp_path), "enable_progress_bar": False})
+    assert config["callbacks"] == []
+    own = TQDMProgressBar(refresh_rate=10)
+    config, _ = trainer_arguments({"default_root_dir": str(tmp_path), "callbacks": [own]})
+    assert config["callbacks"] == [own]
