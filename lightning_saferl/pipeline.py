@@ -75,6 +75,7 @@ import torch
 import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt
+from tqdm import tqdm
 
 from lightning_saferl.base import NonFiniteLossError, SafeRLModule
 from lightning_saferl.callbacks import LastCheckpoint
@@ -105,7 +106,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed_everything", type=int, default=0)
     parser.add_argument("--parallel_stages", type=PositiveInt, default=1,
                         help="train up to this many stages at once, in worker processes (a stage starts when the "
-                             "stages it takes inputs from are finished; the cores are shared among those running)")
+                             "stages it takes inputs from are finished; this process's torch threads are shared "
+                             "among those running, anew whenever one starts or ends; at most one worker per thread; "
+                             "none when a stage runs on several devices or nodes)")
     parser.add_argument("--checkpoint_every_n_steps", type=PositiveInt, default=1000,
                         help="each stage refreshes checkpoints/last.ckpt this often (and at the end and on SIGTERM)")
     parser.add_argument("--restart", nargs="+", type=str, default=[], metavar="STAGE",
@@ -434,9 +437,10 @@ def _run_locked(plan: _Plan, cfg: Namespace, command: Optional[list[str]], start
     _save_run_record(cfg, run_dir, command)
     todo = [name for name in plan.names if name in plan.restart or not (run_dir / name / "model.ckpt").exists()]
     trained: dict[str, SafeRLModule] = {}
-    in_workers = todo if cfg.parallel_stages > 1 and len(todo) > 1 else []
+    workers = _stage_workers(plan, cfg, todo)
+    in_workers = todo if workers > 1 and len(todo) > 1 else []
     if in_workers:
-        _train_in_workers(plan, cfg, in_workers, command)
+        _train_in_workers(plan, cfg, in_workers, workers, command)
     for name in plan.names:
         final = run_dir / name / "model.ckpt"
         if name in todo and name not in in_workers:
@@ -472,9 +476,10 @@ def _apply_acting_settings(module: SafeRLModule, parsed: Namespace, checkpoint: 
 
 
 def _train_stage(plan: _Plan, cfg: Namespace, name: str, trained: dict[str, SafeRLModule],
-                 command: Optional[list[str]]) -> SafeRLModule:
+                 command: Optional[list[str]], callbacks: tuple[L.Callback, ...] = ()) -> SafeRLModule:
     """Train stage `name` (resuming from its newest last.ckpt unless restarted) with the trained modules of the
-    stages it takes inputs from, write `<run_dir>/<name>/model.ckpt` and return the model."""
+    stages it takes inputs from, write `<run_dir>/<name>/model.ckpt` and return the model. `callbacks` join the
+    recipe's for this run only (not part of the stage's config)."""
     stage_dir = plan.run_dir / name
     final = stage_dir / "model.ckpt"
     if name in plan.restart:
@@ -487,10 +492,10 @@ def _train_stage(plan: _Plan, cfg: Namespace, name: str, trained: dict[str, Safe
                                         record=plan.records[name])
     kwargs["callbacks"].append(RunRecord(log_dir, _stage_parser().dump(plan.parsed[name], skip_none=False),
                                          cfg.seed_everything, command))
+    kwargs["callbacks"].extend(callbacks)
     trainer = L.Trainer(**kwargs)
     print(f"[pipeline] stage '{name}': {type(model).__name__}, max_steps={trainer.max_steps}"
-          f"{', resuming from ' + str(last) if last else ''}{', restarted' if name in plan.restart else ''}"
-          f"{f', {torch.get_num_threads()} threads in process {os.getpid()}' if cfg.parallel_stages > 1 else ''}")
+          f"{', resuming from ' + str(last) if last else ''}{', restarted' if name in plan.restart else ''}")
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=last, weights_only=True)
     except NonFiniteLossError as err:
@@ -502,23 +507,52 @@ def _train_stage(plan: _Plan, cfg: Namespace, name: str, trained: dict[str, Safe
     return model
 
 
-def _train_in_workers(plan: _Plan, cfg: Namespace, todo: list[str], command: Optional[list[str]]) -> None:
-    """Train the `todo` stages in worker processes, up to `parallel_stages` at once: a stage starts when the stages
-    it takes inputs from are finished, with cpu_count / (stages starting or running) torch threads. The first
-    failure stops the other workers (SIGTERM: they save last.ckpt) and is raised here."""
+def _stage_workers(plan: _Plan, cfg: Namespace, todo: list[str]) -> int:
+    """How many stages may train at once: `parallel_stages`, at most one per torch thread of this process, and 1
+    (all in this process) under a distributed launcher or when a stage trains on several devices or nodes."""
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        return 1
+    for name in todo:
+        trainer = plan.parsed[name].trainer
+        devices = trainer.get("devices", "auto")
+        if str(devices) in ("auto", "-1"):  # every device of the accelerator: only GPUs come several to a machine
+            count = torch.cuda.device_count() if str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") \
+                else 1
+        elif isinstance(devices, (list, tuple)) or "," in str(devices):  # device ids: [0, 1] or "0,1"
+            count = len([d for d in (devices if isinstance(devices, (list, tuple)) else str(devices).split(","))
+                         if str(d).strip()])
+        else:
+            count = int(devices)
+        if count > 1 or trainer.get("num_nodes") not in (None, 1):
+            return 1
+    return min(cfg.parallel_stages, torch.get_num_threads())
+
+
+def _train_in_workers(plan: _Plan, cfg: Namespace, todo: list[str], workers: int,
+                      command: Optional[list[str]]) -> None:
+    """Train the `todo` stages in worker processes, up to `workers` at once: a stage starts when the stages it takes
+    inputs from are finished. This process's torch threads are shared among the running workers, anew
+    whenever one starts or ends (a worker takes its new share before its next batch): when FISOR's reward critic
+    finishes, the feasibility critic trains on every core. The first failure stops the other workers (SIGTERM: they
+    save last.ckpt) and is raised here."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     running: dict[str, Any] = {}
+    shares: dict[str, Any] = {}  # stage -> its worker's thread count (shared memory, read by _FollowThreadShare)
+    budget = torch.get_num_threads()
     done, todo = {name for name in plan.names if name not in todo}, list(todo)
     try:
         while todo or running:
             ready = [name for name in todo if set(plan.parsed[name].inputs.values()) <= done]
-            ready = ready[:cfg.parallel_stages - len(running)]
-            threads = max(1, (os.cpu_count() or 1) // max(1, len(running) + len(ready)))
+            ready = ready[:workers - len(running)]
+            threads = max(1, budget // max(1, len(running) + len(ready)))
+            for name in running:
+                shares[name].value = threads
             for name in ready:
                 todo.remove(name)
-                running[name] = context.Process(target=_stage_worker, args=(cfg, name, command, threads, results),
-                                                name=f"stage-{name}")
+                shares[name] = context.Value("i", threads, lock=False)
+                running[name] = context.Process(target=_stage_worker, args=(cfg, name, command, shares[name],
+                                                                            results), name=f"stage-{name}")
                 running[name].start()
             try:
                 name, error = results.get(timeout=1.0)
@@ -539,15 +573,34 @@ def _train_in_workers(plan: _Plan, cfg: Namespace, todo: list[str], command: Opt
             process.join()
 
 
-def _stage_worker(cfg: Namespace, name: str, command: Optional[list[str]], threads: int, results) -> None:
-    """One stage in a worker process: its inputs are read from their model.ckpt; puts (name, None or the error)."""
-    torch.set_num_threads(threads)
+class _FollowThreadShare(L.Callback):
+    """In a worker of `_train_in_workers`: before each batch, use the number of torch threads the parent assigned."""
+
+    def __init__(self, stage: str, share: Any):
+        self.stage, self.share = stage, share
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        print(f"[pipeline] stage '{self.stage}': {torch.get_num_threads()} threads in process {os.getpid()}",
+              flush=True)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        threads = self.share.value
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            tqdm.write(f"[pipeline] stage '{self.stage}': {threads} threads from step {trainer.global_step}")
+
+
+def _stage_worker(cfg: Namespace, name: str, command: Optional[list[str]], share: Any, results) -> None:
+    """One stage in a worker process: its inputs are read from their model.ckpt; `share` holds its thread count;
+    puts (name, None or the error)."""
+    torch.set_num_threads(share.value)
     try:
         plan = _Plan(cfg)
         sources = set(plan.parsed[name].inputs.values())
         trained = {source: load_module(str(plan.run_dir / source / "model.ckpt"), expected=plan.classes[source])
                    for source in sources}
-        _train_stage(plan, cfg, name, trained, command)
+        _train_stage(plan, cfg, name, trained, command, callbacks=(_FollowThreadShare(name, share),))
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
         traceback.print_exc()
         try:
