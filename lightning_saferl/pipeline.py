@@ -518,9 +518,10 @@ def _stage_workers(plan: _Plan, cfg: Namespace, todo: list[str]) -> int:
         if str(devices) in ("auto", "-1"):  # every device of the accelerator: only GPUs come several to a machine
             count = torch.cuda.device_count() if str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") \
                 else 1
-        elif isinstance(devices, (list, tuple)) or "," in str(devices):  # device ids: [0, 1] or "0,1"
-            count = len([d for d in (devices if isinstance(devices, (list, tuple)) else str(devices).split(","))
-                         if str(d).strip()])
+        elif isinstance(devices, (list, tuple)):  # device ids
+            count = len(devices)
+        elif "," in str(devices):  # device ids as text: "0,1" (two), "0," (one)
+            count = len([d for d in str(devices).split(",") if d.strip()])
         else:
             count = int(devices)
         if count > 1 or trainer.get("num_nodes") not in (None, 1):

@@ -273,16 +273,17 @@ def test_a_run_dir_in_use_by_another_pipeline_is_refused(fisor_run, tmp_path, ca
 
 
 @pytest.fixture
-def two_threads():
-    """Two torch threads, the budget a pipeline's stage workers share, whatever this machine has."""
+def torch_threads(request):
+    """This process's torch threads, the budget a pipeline's stage workers share, set whatever this machine has:
+    2, or the test's indirect parameter."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(getattr(request, "param", 2))
     yield
     torch.set_num_threads(threads)
 
 
 def test_parallel_stages_train_independent_stages_at_once_and_match_the_sequential_run(fisor_run, tmp_path, capfd,
-                                                                                       two_threads):
+                                                                                       torch_threads):
     sequential, recipe = fisor_run
     run = tmp_path / "run"
     main(["pipeline", "--config", recipe, "--run_dir", str(run), "--parallel_stages", "2"])
@@ -297,7 +298,7 @@ def test_parallel_stages_train_independent_stages_at_once_and_match_the_sequenti
     assert json.loads((run / "summary.json").read_text())["episodes"] == 2
 
 
-def test_a_stage_still_training_takes_the_threads_of_a_finished_one(tiny, tmp_path, capfd, two_threads):
+def test_a_stage_still_training_takes_the_threads_of_a_finished_one(tiny, tmp_path, capfd, torch_threads):
     recipe = write_yaml(tmp_path / "r.yaml", fisor_recipe(tiny))
     main(["pipeline", "--config", recipe, "--run_dir", str(tmp_path / "run"), "--parallel_stages", "2",
           "--stages.feasibility_critic.trainer.max_steps", "600"])  # the reward critic (4 steps) ends first
@@ -309,19 +310,16 @@ def test_a_stage_still_training_takes_the_threads_of_a_finished_one(tiny, tmp_pa
     assert torch.load(tmp_path / "run" / "feasibility_critic" / "model.ckpt", weights_only=True)["global_step"] == 600
 
 
-def test_parallel_stages_train_in_process_with_one_thread(fisor_run, tmp_path, capfd):
+# e.g. a benchmark unit or a sweep cell given one core: workers would only compete
+@pytest.mark.parametrize("torch_threads", [1], indirect=True)
+def test_parallel_stages_train_in_process_with_one_thread(fisor_run, tmp_path, capfd, torch_threads):
     _, recipe = fisor_run
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # e.g. a benchmark unit or a sweep cell given one core: workers would only compete
-    try:
-        main(["pipeline", "--config", recipe, "--run_dir", str(tmp_path / "run"), "--parallel_stages", "2"])
-    finally:
-        torch.set_num_threads(threads)
+    main(["pipeline", "--config", recipe, "--run_dir", str(tmp_path / "run"), "--parallel_stages", "2"])
     out = capfd.readouterr().out
     assert out.count("FisorActor, max_steps=4") == 1 and "threads in process" not in out
 
 
-def test_stages_train_in_process_where_a_stage_has_processes_of_its_own(tiny, tmp_path, monkeypatch, two_threads):
+def test_stages_train_in_process_where_a_stage_has_processes_of_its_own(tiny, tmp_path, monkeypatch, torch_threads):
     from lightning_saferl.pipeline import _Plan, _stage_workers
 
     recipe = write_yaml(tmp_path / "r.yaml", fisor_recipe(tiny))
@@ -341,7 +339,7 @@ def test_stages_train_in_process_where_a_stage_has_processes_of_its_own(tiny, tm
     assert workers() == 1
 
 
-def test_a_failing_stage_in_a_worker_stops_the_pipeline_with_its_error(tiny, tmp_path, two_threads):
+def test_a_failing_stage_in_a_worker_stops_the_pipeline_with_its_error(tiny, tmp_path, torch_threads):
     from lightning_saferl.base import NonFiniteLossError
     from lightning_saferl.pipeline import run_pipeline
 
