@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -119,6 +121,21 @@ class _RecordingCheckpointIO(TorchCheckpointIO):
         super().save_checkpoint({**checkpoint, CONFIG_KEY: self.record}, path, storage_options)
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+def quiet_upstream() -> None:
+    """Silence lines Lightning prints for every run that a lightning-saferl user cannot act on: torch (2.13)
+    deprecates the LeafSpec class that Lightning 2.6 still builds; the actors hold their frozen critics in eval mode
+    on purpose; Lightning advertises its cloud logger."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_not_an_advert)
+
+
 def trainer_arguments(config: dict, last_checkpoint: Any = None,
                       record: Optional[dict] = None) -> tuple[dict, Path]:
     """(Trainer arguments, run directory): `config` (Trainer arguments, instantiated objects) completed the way
@@ -126,9 +143,10 @@ def trainer_arguments(config: dict, last_checkpoint: Any = None,
     with `logger` unset or True, CSV + TensorBoard loggers write there; `last_checkpoint` (a LastCheckpoint, its
     `dirpath` defaulting to `<run directory>/checkpoints`) joins the callbacks unless checkpointing is disabled;
     a `TimedProgressBar` joins them unless the bar is disabled or they hold one; `record` is written into every
-    checkpoint."""
+    checkpoint. Installs `quiet_upstream`."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+    quiet_upstream()
     config = dict(config)
     root = Path(config.get("default_root_dir") or os.getcwd())
     version = _next_version(root / "lightning_logs")
