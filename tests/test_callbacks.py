@@ -107,6 +107,36 @@ def test_safe_rollout_logs_during_fit_at_the_right_steps(tmp_path):
     assert float(rows[0]["rollout/return_mean"]) != float(rows[-1]["rollout/return_mean"])  # the policy trained
 
 
+class PrecisionRecordingActor(TinyActor):
+    """Records, for every `act` call, whether autocast was on and the dtype of the observations it got."""
+
+    def __init__(self):
+        super().__init__()
+        self.act_precisions = []
+
+    def act(self, obs):
+        self.act_precisions.append((torch.is_autocast_enabled("cpu"), obs.dtype))
+        return super().act(obs)
+
+
+@pytest.mark.parametrize("precision, acts_as", [("bf16-mixed", (False, torch.float32)),
+                                                ("bf16-true", (False, torch.bfloat16))])
+def test_safe_rollout_acts_as_the_policy_is_saved(tmp_path, precision, acts_as):
+    """Mixed precision keeps float32 weights: the rollout acts in float32, like the saved policy, not under the
+    training's autocast. A true precision stores bf16 weights: the rollout acts on bf16 inputs."""
+    module = PrecisionRecordingActor()
+    trainer = pl.Trainer(max_steps=2, callbacks=[SafeRollout(every_n_steps=2, episodes=3, num_envs=3, task=TOY,
+                                                             env_factory=ToyEnv)],
+                         precision=precision, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module)
+    assert module.act_precisions and set(module.act_precisions) == {acts_as}
+    if precision == "bf16-mixed":  # the same figures as the trained weights give in float32 outside the trainer
+        final = EpisodeRunner(TOY, episodes=3, num_envs=3, env_factory=ToyEnv, progress=False).run(module)
+        assert float(trainer.callback_metrics["rollout/return_mean"]) == pytest.approx(final["return_mean"],
+                                                                                     abs=1e-6)
+
+
 def test_safe_rollout_needs_a_task_and_a_policy(tmp_path):
     with pytest.raises(ValueError, match="no task to evaluate on"):
         _trainer(tmp_path, 2, [SafeRollout(every_n_steps=2, episodes=2, env_factory=ToyEnv)]).fit(TinyActor())

@@ -20,7 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib import rc_context
 from matplotlib.patches import Circle, Patch
 
-from lightning_saferl.callbacks.rollout import due, eval_mode, publish, task_from_trainer
+from lightning_saferl.callbacks.rollout import as_saved, due, eval_mode, publish, task_from_trainer
 from lightning_saferl.envs import point_robot
 from lightning_saferl.envs.oracle import feasibility_scores, feasible_region_iou, grid_slice, is_feasible
 from lightning_saferl.errors import InputError
@@ -166,8 +166,8 @@ class FeasibleRegionPlot(pl.Callback):
         critic, precision = pl_module.feasibility_critic, trainer.precision_plugin
 
         def value_fn(obs: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad(), precision.forward_context():
-                return critic.value(precision.convert_input(obs.to(pl_module.device, torch.float32))).float()
+            with torch.no_grad(), as_saved(precision) as convert:
+                return critic.value(convert(obs.to(pl_module.device, torch.float32))).float()
 
         step = trainer.global_step
         run_dir = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: every rank must ask

@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_saferl.errors import InputError
 from lightning_saferl.evaluation import EpisodeRunner, merge_episodes, rank_slice
@@ -56,8 +57,21 @@ def publish(trainer: "pl.Trainer", metrics: Mapping[str, float], extra: Mapping[
         logger.log_metrics(dict(metrics), step=trainer.global_step)
 
 
-class _TrainerPolicy:
-    """The module's Policy run under the trainer's precision (autocast / input dtype conversion)."""
+@contextlib.contextmanager
+def as_saved(precision_plugin: Any) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """Context in which a module computes as it is saved and deployed; yields the input conversion to apply.
+    Under mixed precision the weights are float32 and autocast only speeds up training, so nothing changes
+    (float32); under a true precision ("bf16-true", "16-true") the weights have that dtype, so the plugin's
+    forward context and input conversion apply."""
+    if isinstance(precision_plugin, MixedPrecision):
+        yield lambda x: x
+    else:
+        with precision_plugin.forward_context():
+            yield precision_plugin.convert_input
+
+
+class _SavedPolicy:
+    """The module's Policy computed as saved (`as_saved`)."""
 
     def __init__(self, module: torch.nn.Module, precision_plugin: Any):
         self.module, self.precision = module, precision_plugin
@@ -67,8 +81,8 @@ class _TrainerPolicy:
         return self.module.device
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
-        with self.precision.forward_context():
-            return self.module.act(self.precision.convert_input(obs))
+        with as_saved(self.precision) as convert:
+            return self.module.act(convert(obs))
 
 
 class SafeRollout(pl.Callback):
@@ -82,7 +96,7 @@ class SafeRollout(pl.Callback):
     `SafeCheckpoint`. ``task`` defaults to ``trainer.datamodule.task_spec`` / ``.task``. Under DDP each rank
     runs its `rank_slice` of the episodes; the per-episode results are all-gathered so every rank publishes
     the same metrics over all episodes. The module is in eval mode during the rollout (each submodule's mode
-    is restored afterwards). Other arguments are those of `EpisodeRunner`.
+    is restored afterwards) and acts as saved (`as_saved`: float32 under mixed precision). Other arguments are those of `EpisodeRunner`.
     """
 
     def __init__(self, every_n_steps: int = 1000, episodes: int = 10, num_envs: int = 10,
@@ -124,7 +138,7 @@ class SafeRollout(pl.Callback):
         runner = self.runner(trainer)
         indices = rank_slice(self.episodes, trainer.global_rank, trainer.world_size)
         with eval_mode(pl_module):
-            local = runner.run_episodes(_TrainerPolicy(pl_module, trainer.precision_plugin), indices)
+            local = runner.run_episodes(_SavedPolicy(pl_module, trainer.precision_plugin), indices)
         episodes = merge_episodes(self._gather(trainer, local))
         if len(episodes["index"]) != self.episodes:
             raise RuntimeError(f"SafeRollout: gathered {len(episodes['index'])} episodes, expected {self.episodes}")
