@@ -236,11 +236,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     from lightning_saferl.actors.fisor import FisorActor
     from lightning_saferl.critics import FeasibilityCritic, RewardCritic
+    from lightning_saferl.runs import native_bf16_cpu
 
     rows: list[tuple[str, dict, str]] = []
     out: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                  "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+                 # bf16 matrix products run natively with AVX512-BF16 or AMX; otherwise oneDNN emulates them
+                 # (on a CPU that has them, ONEDNN_MAX_CPU_ISA=AVX512_CORE shows the emulated speed)
+                 "cpu_native_bf16": native_bf16_cpu(), "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
                  "load_average_1min_start": os.getloadavg()[0]}
 
     # the peak is sampled before and after the module timings (pooled median), so load drifts affect both alike
@@ -316,6 +320,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
             stats = repeat(full_step_bf16, max(reps // 2, 3), warmup=1)
             out["fisor_full_step_ms_b2048_bf16"] = stats["median"]
             rows.append(("FISOR full step, bf16 autocast", stats, "bf16-mixed"))
+            stats = repeat(actor_bf16, reps, warmup=1)
+            out["actor_step_ms_bf16"] = stats["median"]
+            rows.append(("FISOR actor step, batch 1024, bf16 autocast", stats,
+                         f"{out['actor_step_ms'] / stats['median']:.2f}x fp32's speed"))
 
         # -- acting: N = 16 candidates, T = 5 steps, pick min Q_h
         actor.eval()

@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["atomic_write_text", "write_run_record", "RunRecord", "write_run_info", "package_versions", "trainer_arguments",
+__all__ = ["atomic_write_text", "native_bf16_cpu", "bf16_if_native_cpu", "write_run_record", "RunRecord", "write_run_info", "package_versions", "trainer_arguments",
            "latest_checkpoint", "config_record", "config_changes", "stored_record", "CONFIG_KEY",
            "RESULT_NEUTRAL_KEYS"]
 
@@ -119,6 +119,21 @@ class _RecordingCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
         super().save_checkpoint({**checkpoint, CONFIG_KEY: self.record}, path, storage_options)
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX, torch's own probes). Elsewhere oneDNN
+    emulates bf16 matrix products."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def bf16_if_native_cpu() -> str:
+    """The precision a stage that gains from bf16 on CPU trains with: "bf16-mixed" where the run trains on a CPU
+    (no CUDA device for `accelerator: auto` to pick) that multiplies bf16 natively, else "32-true" (emulated
+    bf16, and on a GPU these small networks are bound by kernel launches, not arithmetic). Recipes write it as
+    `precision: ${bf16_if_native_cpu:}`; a run's config records the value it resolved to."""
+    return "bf16-mixed" if not torch.cuda.is_available() and native_bf16_cpu() else "32-true"
 
 
 def _not_an_advert(record: logging.LogRecord) -> bool:

@@ -19,6 +19,7 @@ import yaml
 from lightning_saferl.cli import main
 import lightning_saferl.envs
 from lightning_saferl.pipeline import _stage_overrides, parse_args, stage_conflicts
+from lightning_saferl import runs
 from lightning_saferl.runs import CONFIG_KEY, atomic_write_text
 from tiny_data import write_tiny
 
@@ -177,6 +178,24 @@ def test_recipe_interpolation_and_typed_shared_values(tmp_path, tiny):
                                      "--stages.reward_critic.data.batch_size", "3"], "actor")
     assert args == ["--trainer.max_steps", "4", "--trainer.max_steps=2"]
     assert inputs == {"reward_critic": "feasibility_critic"}
+
+
+@pytest.mark.parametrize("native, cuda, expected", [(True, False, "bf16-mixed"), (False, False, "32-true"),
+                                                    (True, True, "32-true")])
+def test_the_main_recipe_trains_its_actor_in_bf16_only_on_a_cpu_that_has_it(monkeypatch, native, cuda, expected):
+    # `${bf16_if_native_cpu:}` resolves when the recipe is read, so the stage's config (and its hash) holds the value
+    monkeypatch.setattr(runs, "native_bf16_cpu", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    cfg = parse_args(["--config", str(CONFIGS / "fisor" / "point_robot.yaml")])
+    assert cfg.stages["actor"]["trainer"]["precision"] == expected
+    assert cfg.trainer.get("precision") is None  # the critics train in float32
+    assert not {"precision"} & {*cfg.stages["feasibility_critic"]["trainer"], *cfg.stages["reward_critic"]["trainer"]}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU's flags from /proc/cpuinfo")
+def test_native_bf16_follows_the_cpu_flags():
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert runs.native_bf16_cpu() == bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 def test_rerun_with_another_config_is_refused_until_restarted(fisor_run, tmp_path, capsys):
@@ -393,6 +412,7 @@ def test_fisor_main_job_recipe_runs_with_its_acting_settings(tmp_path, tiny, cap
     assert summary["algorithm"] == "fisor" and SUMMARY_KEYS <= set(summary)
     actor = torch.load(tmp_path / "run" / "actor" / "model.ckpt", weights_only=True)
     assert actor["hyper_parameters"]["uniform_proposals"] > 0 and actor["hyper_parameters"]["proposal_gain"] > 0
+    assert actor[CONFIG_KEY]["config"]["trainer.precision"] == runs.bf16_if_native_cpu()  # what it trained with
     assert not [str(w.message) for w in shown if "LeafSpec" in str(w.message) or "eval mode" in str(w.message)]
     assert "GPU available" in caplog.text and "litlogger" not in caplog.text  # Lightning's other lines still show
 
