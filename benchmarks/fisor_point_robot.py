@@ -96,7 +96,7 @@ def train_bc(cls, steps: int, seed_dir: Path, seed: int, behavior: str):
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=OfflineDataModule(task=pr.ENV_ID, batch_size=256, seed=seed, behavior=behavior))
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=True)
     return model
 
 
