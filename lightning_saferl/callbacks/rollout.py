@@ -96,7 +96,8 @@ class SafeRollout(pl.Callback):
     `SafeCheckpoint`. ``task`` defaults to ``trainer.datamodule.task_spec`` / ``.task``. Under DDP each rank
     runs its `rank_slice` of the episodes; the per-episode results are all-gathered so every rank publishes
     the same metrics over all episodes. The module is in eval mode during the rollout (each submodule's mode
-    is restored afterwards) and acts as saved (`as_saved`: float32 under mixed precision). Other arguments are those of `EpisodeRunner`.
+    is restored afterwards) and acts as saved (`as_saved`: float32 under mixed precision). Other arguments are
+    those of `EpisodeRunner`.
     """
 
     def __init__(self, every_n_steps: int = 1000, episodes: int = 10, num_envs: int = 10,
