@@ -3,7 +3,8 @@
 Imported only when one of these commands runs (it imports Lightning). Everything is done through LightningCLI's
 public hooks except `_parse_ckpt_path`: Lightning has no public hook to replace its reading of `--ckpt_path`
 hyperparameters, which would take the model class and arguments from the file unchecked, so it is overridden
-here; pyproject.toml pins the Lightning minor version this is tested with.
+here; pyproject.toml pins the Lightning minor version this is tested with. Configs are read in OmegaConf mode,
+as pipeline recipes are (`runs.RESOLVERS`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from lightning_saferl.base import SafeRLModule
 from lightning_saferl.callbacks import LastCheckpoint
 from lightning_saferl.data.datamodule import OfflineDataModule
 from lightning_saferl.errors import InputError, WrongTypeError
-from lightning_saferl.runs import trainer_arguments, write_run_record
+from lightning_saferl.runs import register_resolvers, trainer_arguments, write_run_record
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_DATA = "lightning_saferl.data.datamodule.OfflineDataModule"
@@ -62,7 +63,8 @@ class SafeRLCLI(LightningCLI):
     """LightningCLI in subclass mode; obs_dim / act_dim come from the datamodule (see `lightning_saferl.cli`)."""
 
     def __init__(self, args: list[str]):
-        no_exit = {"exit_on_error": False}
+        register_resolvers()  # OmegaConf mode, as pipeline recipes: `${...}` interpolation and `runs.RESOLVERS`
+        no_exit = {"exit_on_error": False, "parser_mode": "omegaconf"}
         super().__init__(SafeRLModule, OfflineDataModule, subclass_mode_model=True, subclass_mode_data=True,
                          args=args, save_config_callback=SaveRunConfig,
                          save_config_kwargs={"overwrite": True, "command": ["lightning-saferl", *args]},

@@ -67,7 +67,6 @@ import socket
 import sys
 import time
 import traceback
-import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -77,7 +76,6 @@ import torch
 import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from lightning_saferl.base import NonFiniteLossError, SafeRLModule
@@ -85,8 +83,8 @@ from lightning_saferl.callbacks import LastCheckpoint
 from lightning_saferl.data.datamodule import OfflineDataModule
 from lightning_saferl.errors import InputError, UnknownNameError
 from lightning_saferl.policy import load_module, read_checkpoint
-from lightning_saferl.runs import (RunRecord, atomic_write_text, bf16_if_native_cpu, config_changes, config_record,
-                                   latest_checkpoint, stored_record, trainer_arguments, write_run_info)
+from lightning_saferl.runs import (RunRecord, atomic_write_text, config_changes, config_record, latest_checkpoint,
+                                   register_resolvers, stored_record, trainer_arguments, write_run_info)
 
 
 SMOKE_STEPS = 5
@@ -96,15 +94,8 @@ STAGE_KEYS = ("model", "trainer", "data", "inputs")
 DATASET_KEYS = ("task", "path", "cache_dir", "num_transitions", "scale_reward", "download", "behavior")
 
 
-#: OmegaConf resolvers a recipe may use, e.g. `precision: ${bf16_if_native_cpu:}`
-RESOLVERS = {"bf16_if_native_cpu": bf16_if_native_cpu}
-
-
 def build_parser() -> ArgumentParser:
-    with warnings.catch_warnings():  # omegaconf 2.4 renames register_new_resolver; 2.3 has only this one
-        warnings.simplefilter("ignore")
-        for name, resolver in RESOLVERS.items():
-            OmegaConf.register_new_resolver(name, resolver, replace=True)
+    register_resolvers()
     parser = ArgumentParser(prog="lightning-saferl pipeline", description=__doc__.split("\n")[0],
                             default_meta=False, exit_on_error=False, parser_mode="omegaconf")
     parser.add_argument("--config", action=ActionConfigFile,

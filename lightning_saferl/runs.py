@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 __all__ = ["atomic_write_text", "write_run_record", "RunRecord", "write_run_info", "package_versions", "trainer_arguments",
-           "native_bf16_cpu", "bf16_if_native_cpu", "latest_checkpoint", "config_record", "config_changes",
+           "native_bf16_cpu", "bf16_if_native_cpu", "RESOLVERS", "register_resolvers", "latest_checkpoint", "config_record", "config_changes",
            "stored_record", "CONFIG_KEY", "RESULT_NEUTRAL_KEYS"]
 
 #: checkpoint entry holding {"sha256": ..., "config": ...} of the config the checkpoint was trained with
@@ -134,6 +134,20 @@ def bf16_if_native_cpu() -> str:
     bf16, and on a GPU these small networks are bound by kernel launches, not arithmetic). Recipes write it as
     `precision: ${bf16_if_native_cpu:}`; a run's config records the value it resolved to."""
     return "bf16-mixed" if not torch.cuda.is_available() and native_bf16_cpu() else "32-true"
+
+
+#: OmegaConf resolvers that configs may use (pipeline recipes and `fit` configs): `precision: ${bf16_if_native_cpu:}`
+RESOLVERS = {"bf16_if_native_cpu": bf16_if_native_cpu}
+
+
+def register_resolvers() -> None:
+    """Make `RESOLVERS` known to OmegaConf; the config parsers call this before they read a file."""
+    from omegaconf import OmegaConf
+
+    with warnings.catch_warnings():  # omegaconf 2.4 renames register_new_resolver; 2.3 has only this one
+        warnings.simplefilter("ignore")
+        for name, resolver in RESOLVERS.items():
+            OmegaConf.register_new_resolver(name, resolver, replace=True)
 
 
 def _not_an_advert(record: logging.LogRecord) -> bool:

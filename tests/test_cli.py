@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from lightning_saferl import runs
 from lightning_saferl.cli import main
 from tiny_data import write_tiny
 
@@ -89,6 +90,21 @@ def test_print_config_composes_files_in_order(tmp_path, capsys):
     assert "obs_dim" not in printed["model"]["init_args"]  # linked from the data, not an option
     assert printed["last_checkpoint"]["every_n_train_steps"] == 1000
     assert printed["weights_only"] is True
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16-mixed"), (False, "32-true")])
+def test_fit_configs_read_like_recipes(tmp_path, capsys, monkeypatch, native, expected):
+    # OmegaConf mode, as pipeline recipes: interpolation and the project's resolvers (a recipe's stage block works)
+    monkeypatch.setattr(runs, "native_bf16_cpu", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "a.yaml").write_text("model:\n  class_path: lightning_saferl.actors.BCAll\n"
+                                     "trainer:\n  max_steps: 7\n  precision: ${bf16_if_native_cpu:}\n"
+                                     "  log_every_n_steps: ${trainer.max_steps}\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(tmp_path / "a.yaml"), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["precision"] == expected and printed["trainer"]["log_every_n_steps"] == 7
 
 
 def test_fisor_actor_with_critic_checkpoints_from_yaml(tmp_path, tiny, trained):
