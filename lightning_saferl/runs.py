@@ -30,8 +30,8 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 __all__ = ["atomic_write_text", "write_run_record", "RunRecord", "write_run_info", "package_versions", "trainer_arguments",
-           "native_bf16_cpu", "bf16_if_native_cpu", "RESOLVERS", "register_resolvers", "latest_checkpoint", "config_record", "config_changes",
-           "stored_record", "CONFIG_KEY", "RESULT_NEUTRAL_KEYS"]
+           "native_bf16_cpu", "bf16_if_native_cpu", "RESOLVERS", "register_resolvers", "latest_checkpoint",
+           "config_record", "config_changes", "stored_record", "CONFIG_KEY", "RESULT_NEUTRAL_KEYS"]
 
 #: checkpoint entry holding {"sha256": ..., "config": ...} of the config the checkpoint was trained with
 CONFIG_KEY = "lightning_saferl_config"
