@@ -11,7 +11,7 @@ JSON file (``docs/results/<file>.json``, key ``tables.<name>``):
     <!-- /results -->
 
 Options after the name: ``algorithms=a,b`` keeps those rows of a DSRL-protocol table, ``brief`` leaves out the
-machine, date, command and protocol lines. A table is either a DSRL-protocol table (``rows`` of objects with
+protocol and the command (the title, machine and date stay). A table is either a DSRL-protocol table (``rows`` of objects with
 ``algorithm``, ``cost_limit``, ``reward`` and ``cost`` as ``{mean, std}``, ``seeds``; safe iff cost <= 1) or a
 plain one (``columns`` and ``rows`` of cells: a string, a number, or ``{mean, std, [seeds], [unit]}``).
 """
@@ -93,9 +93,9 @@ def render(spec: str) -> str:
     table, options = load_table(spec)
     algorithms = options["algorithms"].split(",") if options.get("algorithms") else None
     lines = dsrl_rows(table, algorithms) if "task" in table else plain_rows(table)
+    lines = [f"**{table['title']}.** Measured on {table['machine']}; {table['date']}.", "", *lines]
     if "brief" not in options:
-        lines = [f"**{table['title']}.** Measured on {table['machine']}; {table['date']}.", "", *lines, "",
-                 table["protocol"], "", "Produced by:", "", "```bash", table["command"], "```"]
+        lines += ["", table["protocol"], "", "Produced by:", "", "```bash", table["command"], "```"]
     return "\n".join(lines) + "\n"
 
 
