@@ -11,9 +11,9 @@ JSON file (``docs/results/<file>.json``, key ``tables.<name>``):
     <!-- /results -->
 
 Options after the name: ``algorithms=a,b`` keeps those rows of a DSRL-protocol table, ``brief`` leaves out the
-protocol and the command (the title, machine and date stay). A table is either a DSRL-protocol table (``rows`` of objects with
-``algorithm``, ``cost_limit``, ``reward`` and ``cost`` as ``{mean, std}``, ``seeds``; safe iff cost <= 1) or a
-plain one (``columns`` and ``rows`` of cells: a string, a number, or ``{mean, std, [seeds], [unit]}``).
+protocol and the command (the title, machine and date stay). A table is either a DSRL-protocol table (``rows`` of
+objects with ``algorithm``, ``cost_limit``, ``reward`` and ``cost`` as ``{mean, std}``, ``seeds``; safe iff
+cost <= 1) or a plain one (``columns`` and ``rows`` of cells: a string, a number, or ``{mean, std, [seeds], [unit]}``).
 """
 from __future__ import annotations
 
@@ -45,10 +45,10 @@ def cell(value: Any) -> str:
     if isinstance(value, (int, float)):
         return number(value)
     unit = f" {value['unit']}" if "unit" in value else ""
-    summary = f"{number(value['mean'])} ± {number(value['std'])}{unit}"
+    summary = f"{number(value['mean'])} ± {number(value['std'])}"
     if "seeds" in value:
-        return f"{', '.join(number(s) for s in value['seeds'])}{unit} ({number(value['mean'])} ± {number(value['std'])})"
-    return summary
+        return f"{', '.join(number(s) for s in value['seeds'])}{unit} ({summary})"
+    return summary + unit
 
 
 def dsrl_rows(table: dict[str, Any], algorithms: list[str] | None) -> list[str]:

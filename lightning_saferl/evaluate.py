@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import gymnasium as gym
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.patches import Circle
+from matplotlib.patches import Circle, Rectangle
 
 from lightning_saferl.envs import point_robot
 from lightning_saferl.errors import InputError
@@ -50,14 +50,15 @@ class PathRecorder(gym.Wrapper):
 
 def plot_trajectories(paths: Sequence[tuple[np.ndarray, np.ndarray]], path: Optional[str] = None,
                       title: str = "") -> Figure:
-    """One line per episode (positions (T + 1, 2), step costs (T,)) over the PointRobot arena: hazards (orange),
-    goal (gold), start points (dots), steps with cost > 0 in red; each episode's line has gid "path". Saves a PNG at
-    ``path`` when given."""
+    """One line per episode (positions (T + 1, 2), step costs (T,)) over the PointRobot arena (dashed: its
+    bounds): hazards (orange), goal (gold), start points (dots), steps with cost > 0 in red; each episode's line has
+    gid "path". Saves a PNG at ``path`` when given."""
     fig = Figure(figsize=(5.5, 5.5))
     ax = fig.subplots()
     bound = point_robot.BOUND
-    ax.set_xlim(-bound, bound)
-    ax.set_ylim(-bound, bound)
+    ax.set_xlim(-bound - 0.2, bound + 0.2)
+    ax.set_ylim(-bound - 0.2, bound + 0.2)
+    ax.add_patch(Rectangle((-bound, -bound), 2 * bound, 2 * bound, fill=False, edgecolor="0.5", linestyle="--"))
     for centre in point_robot.HAZARD_CENTERS:
         ax.add_patch(Circle(centre, point_robot.HAZARD_RADIUS, color="orange", alpha=0.35))
     ax.add_patch(Circle(point_robot.GOAL, point_robot.GOAL_RADIUS, color="gold", alpha=0.9))
