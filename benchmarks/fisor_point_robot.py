@@ -235,7 +235,7 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(RECIPE), help="FISOR recipe (default: %(default)s)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="pipeline settings over the recipe, e.g. an ablation (default: none, the recipe as it is, "
-                             "i.e. the README's main job)")
+                             "i.e. the README's quick start)")
     parser.add_argument("--quick", action="store_true", help="pipeline --smoke and few episodes (a check only)")
     parser.add_argument("--bc_steps", type=int, default=5000)
     parser.add_argument("--standard_episodes", type=int, default=20)

@@ -13,4 +13,4 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 from lightning_saferl import envs as _envs  # noqa: F401  (registers PointRobot-v0 with gymnasium)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -4,6 +4,7 @@
     lightning-saferl pipeline --config RECIPE.yaml [--run_dir DIR] [--smoke] [--restart STAGE ...]   all stages,
         then evaluation; --trainer.X / --data.X / --stages.<name>.<section>.<key> win over the recipe
     lightning-saferl collect --task PointRobot-v0 --out FILE --steps N --seed S [--num_envs N]   write a dataset
+    lightning-saferl evaluate --ckpt ACTOR.ckpt [--episodes N] [--plot OUT.png]   episodes of a trained actor
     lightning-saferl sweep --config RECIPE --out DIR --seeds 0 1 2 [--tasks ..] [--cost_limits ..]   runs on Ray
     lightning-saferl table DIR... [--out OUT]       table.md/.csv/.json/.png from the finished runs below DIR...
 
@@ -71,13 +72,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(__doc__.strip())
         return
     try:
-        if command not in (*SUBCOMMANDS, "pipeline", "collect", "sweep", "table"):
+        if command not in (*SUBCOMMANDS, "pipeline", "collect", "evaluate", "sweep", "table"):
             raise InputError(f"unknown command {command!r}; choose from fit, validate, test, pipeline, collect, "
-                             "sweep, table (each takes --help)")
+                             "evaluate, sweep, table (each takes --help)")
         if command == "collect":
             from lightning_saferl.data.collect import collect_main
 
             collect_main(argv[1:])
+        elif command == "evaluate":
+            from lightning_saferl.evaluate import evaluate_main
+
+            evaluate_main(argv[1:])
         elif command == "pipeline":
             from lightning_saferl.pipeline import pipeline_main
 

@@ -402,7 +402,7 @@ def test_point_robot_baseline_recipes(tmp_path, tiny, recipe):
 
 
 def test_fisor_main_job_recipe_runs_with_its_acting_settings(tmp_path, tiny, caplog):
-    # the README's main job, at smoke size: its callbacks, and the actor's uniform proposals in the evaluation.
+    # the README's quick start, at smoke size: its callbacks, and the actor's uniform proposals in the evaluation.
     # Lightning's lines that a run cannot act on stay out of its output (`runs.quiet_upstream`).
     recipe = str(CONFIGS / "fisor" / "point_robot.yaml")
     caplog.set_level(logging.INFO)

@@ -13,7 +13,7 @@ __all__ = ["TimedProgressBar"]
 
 class TimedProgressBar(TQDMProgressBar):
     """Lightning's tqdm progress bar, its training bar redrawn at most every `interval` seconds and at each epoch's
-    last batch. Lightning's own redraws after every batch (`refresh_rate=1`): written to a file, the main job's
+    last batch. Lightning's own redraws after every batch (`refresh_rate=1`): written to a file, the quick start's
     output was 17 MB of progress lines, 0.4 MB with this bar. (Training speed: no difference measured, three
     5000-step feasibility-critic stages each way.) Every lightning-saferl run uses it unless its callbacks hold a
     progress bar or the bar is disabled."""
