@@ -1,4 +1,12 @@
-"""Suite-wide test settings."""
+r"""Suite-wide test settings.
+
+Size of the default selection (`-m 'not slow'`; counted 2026-12-07): 446 collected items from 274 test functions,
+each checking a different behaviour; parametrisation adds the other 172 items. Of those, 88 are rows of two cheap
+tables (52 partitions of episodes over ranks in `test_rank_slice_partitions_exactly`, 38 registry rows in
+`test_every_dsrl_task_is_consistent`), and 29 run one mechanism on further modules (bf16 13, DDP 12, exact resume 7
+modules). One more test is marked slow. Recount the functions with
+`pytest --collect-only -q | grep :: | sed 's/\[.*//' | sort -u | wc -l`.
+"""
 import pytest
 import torch
 

@@ -62,8 +62,25 @@ def test_streams_per_seed_and_rank(small_file):
     assert torch.equal(a, stream(0, 0))
     assert not torch.equal(a, stream(0, 1))
     assert not torch.equal(a, stream(1, 0))
-    assert torch.equal(stream(1, 0), stream(0, 1))  # the stream is that of seed + global_rank
+    assert not torch.equal(stream(1, 0), stream(0, 1))  # seed 0's second rank is not seed 1's first
     assert not torch.equal(a[0], a[1])  # successive batches differ
+
+
+def test_no_two_seeds_and_ranks_share_a_stream():
+    """Every (seed, rank) with seed < 1000 and rank < 64 has its own batch stream (its key and its first batch's
+    generator seed) and its own stream of the module's noise (`step_seed`); a single process keeps the seed's own
+    batch stream (rank 0's key is the seed)."""
+    from lightning_saferl.base import step_seed
+    from lightning_saferl.data.datamodule import _stream_seed, rank_stream_key
+
+    pairs = [(seed, rank) for seed in range(1000) for rank in range(64)]
+    keys = {rank_stream_key(seed, rank) for seed, rank in pairs}
+    assert len(keys) == len(pairs)
+    assert len({_stream_seed(key, 0) for key in keys}) == len(pairs)
+    assert len({step_seed(seed, rank, 0) for seed, rank in pairs}) == len(pairs)
+    assert [rank_stream_key(seed, 0) for seed in (0, 7, 2 ** 32 - 1)] == [0, 7, 2 ** 32 - 1]
+    with pytest.raises(ValueError, match=r"data.seed must be in \[0, 2\^32\).*got -1"):
+        OfflineDataModule(seed=-1)
 
 
 def test_epoch_length_and_batch_contents(small_file):

@@ -19,7 +19,10 @@ noise, time steps and dropout masks. The single-process references are computed 
   - DRCORL's policy: each rank normalises its Q term by its own batch mean |Q| and combines its own reward/cost
     gradients by PCGrad (non-linear), so DDP averages per-rank PCGrad steps (the zone is shared: the cost
     estimate is all-reduced).
-Also: ranks draw different batches, parameters stay identical across ranks, SafeRollout splits evaluation
+The dual variables that BCQ-Lag (PID multiplier) and CPQ (alpha) update inside the loss from a batch statistic are
+all-reduced over the ranks: the halves reference uses the DDP run's value, which must be one update on the mean of
+the two halves' statistics.
+Also: ranks draw different batches, parameters and buffers stay identical across ranks, SafeRollout splits evaluation
 episodes across ranks (rank_slice) and gathers metrics equal to a single-process EpisodeRunner over all episodes,
 and a loss that is NaN on rank 1 only stops both ranks with NonFiniteLossError (no rank left in the all-reduce).
 """
@@ -30,6 +33,8 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
 from unittest import mock
 
 import numpy as np
@@ -42,9 +47,13 @@ ROLLOUT = dict(episodes=EPISODES, num_envs=EPISODES, max_episode_steps=10, seed=
                reset_options={"random_start": True})  # episodes differ from each other
 TINY = dict(hidden_dims=(32, 32))
 MODULES = ["FeasibilityCritic", "RewardCritic", "CostCritic", "FisorActor", "BCAll", "BCSafe",
-           "BehaviorDiffusion", "DrcorlPolicy"]
+           "BehaviorDiffusion", "DrcorlPolicy", "BCQLag", "CPQ", "COptiDICE", "CDT"]
 UNION_EQUALS_DDP = {"FeasibilityCritic", "RewardCritic", "CostCritic", "BCAll"}  # literally checked
 NAN_STEP = 1  # the step at which rank 1's loss is NaN in the last fit of the worker
+#: dual variables updated inside the loss from a batch statistic (not by a gradient): DDP averages the statistic over
+#: the ranks, so both ranks step with one value. name -> (the module's update method, the buffer holding the value)
+DUAL_UPDATES = {"BCQLag": ("_multiplier", "lagrangian.multiplier"), "CPQ": ("_alpha", "alpha")}
+SEQUENCE_LENGTH = {"CDT": 4}  # modules trained on windows of K steps
 
 
 def make(name: str):
@@ -58,6 +67,22 @@ def make(name: str):
     if name == "FisorActor":
         return FisorActor(OBS, ACT, FeasibilityCritic(OBS, ACT, **TINY), RewardCritic(OBS, ACT, **TINY),
                           hidden_dim=32, num_blocks=1)
+    from lightning_saferl.actors import CDT, CPQ, BCQLag, COptiDICE
+
+    baselines = dict(hidden_dims=(32, 32), critic_hidden_dims=(32, 32), max_episode_steps=300)
+    if name == "BCQLag":
+        # limit 0 and Q_c raised by 1 everywhere: the estimate is above the threshold, the multiplier leaves 0
+        module = BCQLag(OBS, ACT, vae_hidden_dim=16, cost_limit=0.0, **baselines)
+        with torch.no_grad():
+            module.cost_critic.net.layers[-1].bias.fill_(1.0)
+        return module
+    if name == "CPQ":
+        return CPQ(OBS, ACT, vae_hidden_dim=16, **baselines)
+    if name == "COptiDICE":
+        return COptiDICE(OBS, ACT, **baselines)
+    if name == "CDT":  # no warm-up: the first step moves the weights
+        return CDT(OBS, ACT, sequence_length=SEQUENCE_LENGTH[name], embedding_dim=16, num_layers=1, num_heads=2,
+                   max_episode_steps=300, lr=1e-3, warmup_steps=1)
     from lightning_saferl.actors.drcorl import BehaviorDiffusion, DrcorlPolicy
 
     if name == "BehaviorDiffusion":
@@ -83,10 +108,11 @@ def tiny_dataset(path, n: int = 2000, episode: int = 50, seed: int = 0):
         "constraint_values": rng.standard_normal(n).astype(np.float32)})
 
 
-def datamodule(path: str, batch_size: int = BATCH):
+def datamodule(path: str, name: str, batch_size: int = BATCH):
     from lightning_saferl.data.datamodule import OfflineDataModule
 
-    return OfflineDataModule(path=path, batch_size=batch_size, steps_per_epoch=10, seed=0)
+    return OfflineDataModule(path=path, batch_size=batch_size, steps_per_epoch=10, seed=0,
+                             sequence_length=SEQUENCE_LENGTH.get(name))
 
 
 def gradients(module) -> dict[str, torch.Tensor]:
@@ -96,6 +122,11 @@ def gradients(module) -> dict[str, torch.Tensor]:
 def parameters(module) -> dict[str, torch.Tensor]:
     """All parameters, trained and frozen (EMA / target copies follow the trained ones after a step)."""
     return {k: p.detach().clone() for k, p in module.named_parameters()}
+
+
+def buffers(module) -> dict[str, torch.Tensor]:
+    """All buffers (e.g. the dual variables of BCQ-Lag and CPQ)."""
+    return {k: b.detach().clone() for k, b in module.named_buffers()}
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -163,9 +194,9 @@ def worker(data_path: str, out_dir: str) -> None:
         rollout = RecordingRollout(every_n_steps=1, progress=False, **ROLLOUT) if name == "BCAll" else None
         callbacks += [rollout] if rollout else []
         trainer = trainer_for(callbacks)
-        trainer.fit(module, datamodule=datamodule(data_path))
+        trainer.fit(module, datamodule=datamodule(data_path, name))
         record = {"index": recorder.index, "rng": recorder.rng, "grads": recorder.grads, "params": parameters(module),
-                  "world_size": trainer.world_size}
+                  "buffers": buffers(module), "world_size": trainer.world_size}
         if rollout is not None:
             record.update(rollout_indices=list(rollout.ran), rollout_metrics=dict(rollout.last_metrics))
         torch.save(record, Path(out_dir) / f"{name}_rank{trainer.global_rank}.pt")
@@ -177,7 +208,7 @@ def worker(data_path: str, out_dir: str) -> None:
     wrap_losses(module, lambda m: (nan, {}) if m.global_rank == 1 and m.global_step == NAN_STEP else None)
     trainer = trainer_for([], max_steps=NAN_STEP + 2)
     try:
-        trainer.fit(module, datamodule=datamodule(data_path))
+        trainer.fit(module, datamodule=datamodule(data_path, "BCAll"))
         outcome = "finished"
     except NonFiniteLossError as error:
         outcome = str(error)
@@ -185,23 +216,33 @@ def worker(data_path: str, out_dir: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ references
-def reference_step(name: str, data_path: str, halves: list[tuple[torch.Tensor, torch.Tensor]]):
+def reference_step(name: str, data_path: str, halves: list[tuple[torch.Tensor, torch.Tensor]],
+                   dual: Optional[torch.Tensor] = None):
     """(gradients, parameters after one single-process Adam step, module) for the mean of the losses of `halves`
-    ((index, rng state) pairs: each loss evaluated on those dataset rows with that RNG state)."""
+    ((index, rng state) pairs: each loss evaluated on those dataset rows with that RNG state). For a module of
+    `DUAL_UPDATES` every half's loss uses the dual value `dual` (the DDP run's); the statistics its update was
+    given are in `module.dual_statistics`."""
     import lightning.pytorch as pl
 
     pl.seed_everything(0, verbose=False)
     module = make(name).train()
-    dm = datamodule(data_path)
-    with mock.patch.object(type(module), "dataset", lambda self: dm.transitions):
-        module.on_fit_start()  # sample weights, DRCORL's start states
+    dm = datamodule(data_path, name)
+    attached = property(lambda self: SimpleNamespace(datamodule=dm))  # what on_fit_start reads of the trainer
+    with mock.patch.object(type(module), "dataset", lambda self: dm.transitions), \
+            mock.patch.object(type(module), "trainer", attached):
+        module.on_fit_start()  # sample weights, DRCORL's start states, COptiDICE's episode starts
     config = module.configure_optimizers()
     optimizer = config["optimizer"] if isinstance(config, dict) else config
     optimizer.zero_grad()
+    if name in DUAL_UPDATES:
+        module.dual_statistics = []
+        setattr(module, DUAL_UPDATES[name][0],
+                lambda statistic: module.dual_statistics.append(statistic.detach()) or dual.clone())
     total = 0.0
     for index, rng in halves:
         torch.set_rng_state(rng)
-        total = total + module.training_step(dm.batch(index), 0) / len(halves)
+        rows = index[:, -1] if index.dim() == 2 else index  # windows are drawn by their last rows
+        total = total + module.training_step(dm.batch(rows), 0) / len(halves)
     total.backward()
     grads = gradients(module)
     optimizer.step()
@@ -211,7 +252,7 @@ def reference_step(name: str, data_path: str, halves: list[tuple[torch.Tensor, t
 
 def max_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+    return max((float((a[k] - b[k]).abs().max()) for k in a), default=0.0)
 
 
 def relative_difference(a: dict, b: dict) -> float:
@@ -253,10 +294,19 @@ def test_ddp_step_equals_single_process(name, ddp_run):
         stream = torch.Generator().manual_seed(step_seed(0, rank, 0)).get_state()
         assert torch.equal(record["rng"], stream), f"{name}: rank {rank} does not draw from its (seed, rank, step) stream"
     assert max_difference(rank0["params"], rank1["params"]) == 0.0, f"{name}: ranks' parameters diverged"
+    assert max_difference(rank0["buffers"], rank1["buffers"]) == 0.0, f"{name}: ranks' buffers diverged"
     ddp = rank0["params"]
 
-    grads, params, _ = reference_step(name, data_path, [(rank0["index"], rank0["rng"]),
-                                                        (rank1["index"], rank1["rng"])])
+    dual = rank0["buffers"][DUAL_UPDATES[name][1]] if name in DUAL_UPDATES else None
+    grads, params, module = reference_step(name, data_path, [(rank0["index"], rank0["rng"]),
+                                                             (rank1["index"], rank1["rng"])], dual)
+    if name in DUAL_UPDATES:  # the DDP step's dual value is one update on the mean of the ranks' statistics
+        update, _ = DUAL_UPDATES[name]
+        statistics = module.dual_statistics
+        expected = getattr(make_initial(name).train(), update)(torch.stack(statistics).mean())
+        assert statistics[0] != statistics[1] and float(dual) > 0, f"{name}: {statistics}, dual {float(dual)}"
+        assert float(dual) == pytest.approx(float(expected), rel=1e-6), \
+            f"{name}: DDP dual value {float(dual)} is not one update on the mean statistic ({float(expected)})"
     moved = max_difference(ddp, parameters(make_initial(name)))
     assert moved > 1e-4, f"{name}: the DDP step did not change the parameters (max change {moved:.2e})"
     # Adam's first step is ~ lr * sign(g): the parameters alone would not see a wrongly scaled gradient

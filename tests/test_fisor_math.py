@@ -1,5 +1,6 @@
 """FISOR's losses, targets, weights and diffusion steps against hand-computed values."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,6 +103,91 @@ def test_candidate_selection_picks_lowest_qh_and_highest_q(monkeypatch):
     actor.hparams.select = "max_q"
     actor.reward_critic = _StubFeasibility()
     assert torch.allclose(actor.act(torch.zeros(2, 3)), torch.tensor([[0.5, 0.0], [0.9, 0.3]]))
+
+
+#: every weighting hyperparameter of FisorActor, given explicitly (the tests below never read its defaults)
+WEIGHTING = dict(infeasible_temperature=2.0, infeasible_weight_max=50.0, infeasible_weight_min=0.5,
+                 feasible_temperature=4.0, feasible_weight_max=20.0, feasibility_margin=0.0)
+
+
+class _TableCritic(torch.nn.Module):
+    """A critic read from a table: row i of the data has observation (i,) and action (i,); value(s) = state[i] by the
+    observation, q_value(s, a) = action[i] by the action (so a row whose observation and action were misaligned
+    would read another row's values)."""
+
+    def __init__(self, state, action):
+        super().__init__()
+        self.state, self.action = torch.tensor(state), torch.tensor(action)
+
+    def value(self, obs):
+        return self.state[obs[:, 0].long()]
+
+    def q_value(self, obs, act):
+        return self.action[act[:, 0].long()]
+
+
+class _Rows(SimpleNamespace):
+    def __len__(self):
+        return len(self.observations)
+
+
+def test_actor_sample_weights_by_hand_in_every_branch():
+    """compute_sample_weights reads V_h, Q_h from the feasibility critic and Q, V from the reward critic, row by row
+    across chunks of `weight_batch_size` rows; weights by hand with t_inf = 2 in [0.5, 50], t_feas = 4 in [0, 20]."""
+    #            infeasible (V_h > 0)        feasible, safe action (Q_h <= 0)   feasible, unsafe  V_h = 0 (feasible)
+    v_h = [0.3, 2.0, 0.1, -0.4, -1.0, -0.3, 0.0]
+    q_h = [0.1, -0.5, 1.0, -0.2, -0.9, 0.2, 0.0]
+    q = [5.0, 5.0, 5.0, 1.5, 3.0, 9.0, 0.1]
+    v = [0.0, 0.0, 0.0, 1.2, 2.0, 0.0, 0.35]
+    expected = [math.exp(2 * 0.2),  # exp(t_inf (V_h - Q_h))
+                50.0,               # exp(2 * 2.5) = 148 clipped to the maximum
+                0.5,                # exp(-1.8) = 0.17 clipped to the minimum
+                math.exp(4 * 0.3),  # exp(t_feas (Q - V))
+                20.0,               # exp(4) = 55 clipped to the maximum
+                0.0,                # Q_h > 0: an unsafe action at a feasible state is not cloned
+                math.exp(4 * -0.25)]
+    rows = _Rows(observations=torch.arange(7.0)[:, None], actions=torch.arange(7.0)[:, None])
+
+    def weights(**overrides):
+        actor = FisorActor(obs_dim=1, act_dim=1, hidden_dim=8, num_blocks=1, weight_batch_size=3,
+                           **{**WEIGHTING, **overrides})
+        actor.feasibility_critic, actor.reward_critic = _TableCritic(v_h, q_h), _TableCritic(v, q)
+        return actor.compute_sample_weights(rows).tolist()
+
+    assert weights() == pytest.approx(expected, rel=1e-6)
+    # margin 0.25: V_h = 0 is infeasible (exp(2 (0 - 0)) = 1), Q_h = -0.2 no longer a safe action
+    assert weights(feasibility_margin=0.25) == pytest.approx(expected[:3] + [0.0, 20.0, 0.0, 1.0], rel=1e-6)
+
+
+def test_weighted_noise_loss_by_hand():
+    """mean_b w_b ||eps_hat - eps||^2 with eps_hat = 0: per-row terms ||eps_b||^2 = 5, 9, 4; the loss follows the
+    weights, and `losses` hands the network loss the weights of the batch's dataset rows."""
+    actor = FisorActor(obs_dim=1, act_dim=2, hidden_dim=8, num_blocks=1, **WEIGHTING)
+    actor.net = _ZeroNoise()
+    noise = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, -2.0]])
+    args = (torch.zeros(3, 1), torch.zeros(3, 2))
+    k = torch.tensor([0, 2, 4])
+
+    def loss(weights):
+        return actor._weighted_noise_loss(*args, torch.tensor(weights), k, noise).item()
+
+    assert loss([2.0, 0.0, 0.5]) == pytest.approx((2 * 5 + 0.5 * 4) / 3)
+    assert loss([0.0, 1.0, 0.0]) == pytest.approx(9 / 3)
+    assert loss([1.0, 1.0, 1.0]) == pytest.approx((5 + 9 + 4) / 3)
+    assert loss([0.0, 0.0, 0.0]) == 0.0
+
+    seen = []
+    actor.sample_weights = torch.tensor([0.5, 7.0, 3.0, 0.0])  # one per dataset row
+    actor._weighted_noise_loss = lambda obs, actions, weights, k, noise: seen.append(weights) or weights.sum()
+    actor.losses({"observations": torch.zeros(3, 1), "actions": torch.zeros(3, 2), "index": torch.tensor([2, 0, 2])})
+    assert seen[0].tolist() == [3.0, 0.5, 3.0]
+
+
+class _ZeroNoise(torch.nn.Module):
+    """A noise network that predicts eps_hat = 0 whatever its input."""
+
+    def forward(self, noisy_actions, steps, obs, t_index):
+        return torch.zeros_like(noisy_actions)
 
 
 def test_diffusion_actor_fits_bimodal_actions():

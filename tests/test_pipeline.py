@@ -436,6 +436,56 @@ def test_dsrl_baseline_recipes_report_normalized_scores(tmp_path, tiny, recipe, 
     assert summary["length_mean"] <= 100
 
 
+class _ConstantCostEnv(gymnasium.Env):
+    """A PointRobot-shaped stand-in for a DSRL task: reward 1 and cost 0.25 at every step, never ends by itself."""
+
+    observation_space = gymnasium.spaces.Box(-1.0, 1.0, (11,))
+    action_space = gymnasium.spaces.Box(-1.0, 1.0, (2,))
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.low * 0, {}
+
+    def step(self, action):
+        return self.observation_space.low * 0, 1.0, False, False, {"cost": 0.25}
+
+
+def test_summary_scores_every_limit_of_the_task_family(tmp_path, tiny, monkeypatch):
+    """BC-All's DSRL recipe sets no limit: the summary scores the Bullet-Safety-Gym limits 10, 20, 40. BallRun's
+    episodes are cut at 100 steps, so R = 100 and C = 25 in every episode: normalised cost 2.5, 1.25, 0.625."""
+    monkeypatch.setitem(lightning_saferl.envs.ENV_FACTORIES, "OfflineBallRun-v0", lambda **kw: _ConstantCostEnv())
+    summary = main_summary(["pipeline", "--config", str(CONFIGS / "baselines" / "bc_all_dsrl.yaml"), "--smoke",
+                            "--data.task", "OfflineBallRun-v0", "--data.path", tiny,
+                            "--run_dir", str(tmp_path / "run"), "--trainer", json.dumps(QUIET)])
+    assert (summary["return_mean"], summary["cost_mean"], summary["length_mean"]) == (100.0, 25.0, 100.0)
+    assert summary["cost_limits"] == [10.0, 20.0, 40.0] and summary["cost_limit"] == 10.0
+    scores = {key: value for key, value in summary.items() if "@" in key}
+    assert scores == pytest.approx({"normalized_cost@10": 2.5, "safe@10": False, "normalized_cost@20": 1.25,
+                                    "safe@20": False, "normalized_cost@40": 0.625, "safe@40": True})
+    assert summary["normalized_cost"] == 2.5  # the first limit's
+    assert summary["normalized_return"] == pytest.approx((100 - 26.339754104614258) /
+                                                         (1327.445556640625 - 26.339754104614258))
+
+
+def test_evaluation_limits_come_from_the_evaluation_block_the_recipe_or_the_task_family():
+    from jsonargparse import Namespace
+
+    from lightning_saferl.data.tasks import get_task
+    from lightning_saferl.pipeline import evaluation_limits
+
+    def limits(task, recipe_limit=None, cost_limits=None, cost_limit=None):
+        cfg = Namespace(cost_limit=recipe_limit, evaluation=Namespace(cost_limits=cost_limits, cost_limit=cost_limit))
+        return evaluation_limits(cfg, get_task(task))
+
+    assert limits("OfflineCarCircle-v0") == [10.0, 20.0, 40.0]  # Bullet-Safety-Gym's
+    assert limits("OfflineCarGoal1Gymnasium-v0") == [20.0, 40.0, 80.0]  # Safety-Gymnasium's
+    assert limits("OfflineCarCircle-v0", recipe_limit=15) == [15.0]  # the limit the run trained for
+    assert limits("OfflineCarCircle-v0", recipe_limit=15, cost_limit=5) == [5.0]
+    assert limits("OfflineCarCircle-v0", recipe_limit=15, cost_limits=[40, 0], cost_limit=5) == [40.0, 0.0]
+    with pytest.raises(ValueError, match="evaluation.cost_limits"):
+        limits("OfflineCarCircle-v0", cost_limits=[10, -1])
+
+
 @pytest.mark.parametrize("edit, argv, expected", [
     (None, ["--bogus", "1"], "--bogus"),
     (lambda r: r.update(evalution={"episodes": 3}), [], "evalution.episodes"),

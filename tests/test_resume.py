@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from lightning_saferl.actors import CDT, CPQ, BCQLag, COptiDICE
 from lightning_saferl.actors.drcorl import BehaviorDiffusion, DrcorlPolicy
 from lightning_saferl.actors.fisor import FisorActor
 from lightning_saferl.callbacks import LastCheckpoint
@@ -25,6 +26,17 @@ from tiny_data import write_tiny
 OBS, ACT = 11, 2
 STOP, AFTER = 10, 50  # stop after STOP steps (mid-epoch: 25 steps per epoch), compare AFTER steps after the resume
 TINY = dict(hidden_dims=(16,))
+BASELINES = dict(hidden_dims=(16,), critic_hidden_dims=(16,))
+SEQUENCE_LENGTH = {"CDT": 4}  # modules trained on windows of K steps
+
+def _bcq_lag_above_its_threshold():
+    """BCQ-Lag at limit 0 with Q_c raised by 1 everywhere: the cost estimate starts above the threshold, so the PID
+    integral and multiplier grow from the first step (their state must travel in last.ckpt)."""
+    module = BCQLag(OBS, ACT, vae_hidden_dim=16, cost_limit=0.0, **BASELINES)
+    with torch.no_grad():
+        module.cost_critic.net.layers[-1].bias.fill_(1.0)
+    return module
+
 
 FACTORIES = {
     "FisorActor": lambda: FisorActor(OBS, ACT, FeasibilityCritic(OBS, ACT, **TINY), RewardCritic(OBS, ACT, **TINY),
@@ -33,6 +45,11 @@ FACTORIES = {
     "DrcorlPolicy": lambda: DrcorlPolicy(OBS, ACT, behavior=BehaviorDiffusion(OBS, ACT, hidden_dim=16, num_blocks=1),
                                          reward_critic=RewardCritic(OBS, ACT, **TINY), hidden_dims=(16,),
                                          cost_hidden_dims=(16,), cost_limit=0.0, cost_slack=1e6),
+    "BCQLag": _bcq_lag_above_its_threshold,
+    "CPQ": lambda: CPQ(OBS, ACT, vae_hidden_dim=16, **BASELINES),  # alpha moves from the first step
+    "COptiDICE": lambda: COptiDICE(OBS, ACT, **BASELINES),
+    "CDT": lambda: CDT(OBS, ACT, sequence_length=SEQUENCE_LENGTH["CDT"], embedding_dim=16, num_layers=1, num_heads=2,
+                       max_episode_steps=300, warmup_steps=20),
 }
 
 
@@ -68,7 +85,8 @@ def fit(name: str, data_path: str, checkpoints, callbacks=(), ckpt_path=None) ->
     trainer = pl.Trainer(max_steps=STOP + AFTER, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          deterministic=True,
                          callbacks=[recorder, LastCheckpoint(str(checkpoints), every_n_train_steps=STOP), *callbacks])
-    data = OfflineDataModule(path=data_path, batch_size=32, steps_per_epoch=25, seed=0)
+    data = OfflineDataModule(path=data_path, batch_size=32, steps_per_epoch=25, seed=0,
+                             sequence_length=SEQUENCE_LENGTH.get(name))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     return recorder.losses
 

@@ -94,14 +94,16 @@ def test_unknown_id_lists_close_matches():
 
 
 def test_matches_dsrl_package_when_installed():
+    """Every task's URL, episode length, reference returns and cost range equal DSRL's own `infos` (CI installs
+    `dsrl==0.1.0 --no-deps`, which is enough to import it; skipped where dsrl is absent)."""
     infos = pytest.importorskip("dsrl.infos")
     for task_id in dsrl_task_ids():
         t = TASKS[task_id]
         key = next(k for k, url in infos.DATASET_URLS.items() if url.endswith("/" + t.dataset_file))
-        assert infos.DATASET_URLS[key] == t.url
-        assert infos.DEFAULT_MAX_EPISODE_STEPS[key] == t.max_episode_steps
-        assert infos.MAX_EPISODE_REWARD[key] == t.reward_max and infos.MIN_EPISODE_REWARD[key] == t.reward_min
-        assert infos.MAX_EPISODE_COST[key] == t.cost_max and infos.MIN_EPISODE_COST[key] == t.cost_min
+        ours = (t.url, t.max_episode_steps, t.reward_min, t.reward_max, t.cost_min, t.cost_max)
+        theirs = (infos.DATASET_URLS[key], infos.DEFAULT_MAX_EPISODE_STEPS[key], infos.MIN_EPISODE_REWARD[key],
+                  infos.MAX_EPISODE_REWARD[key], infos.MIN_EPISODE_COST[key], infos.MAX_EPISODE_COST[key])
+        assert ours == theirs, f"{task_id} (DSRL's {key!r}): ours {ours}, DSRL's {theirs}"
 
 
 def test_ids_and_simulators_match_the_dsrl_registrations_when_installed():

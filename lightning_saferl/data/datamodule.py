@@ -10,10 +10,13 @@ window of the K rows e-K+1..e cut at e's episode start; a window of an episode's
 (undiscounted sums of rewards / costs from the step to its episode's end), ``timesteps`` (step within the episode)
 and ``padding_mask`` (True at real steps); padded steps hold zeros. All by index arithmetic on the device.
 
-Random stream: batch ``k`` drawn by rank ``r`` uses a generator seeded with ``mix(seed + r, k)`` (a 64-bit
-hash), so the stream is a pure function of (seed, rank, k). Ranks differ, runs with the same seed repeat,
-and the only state a checkpoint needs is ``k`` (the number of batches drawn so far), which is the same on
-every rank; a resumed run, whatever its world size, therefore continues exactly where it stopped.
+Random stream: batch ``k`` drawn by rank ``r`` uses a generator seeded with ``mix(seed + r 2^32, k)`` (``mix`` a
+64-bit hash), so the stream is a pure function of (seed, rank, k). The key ``seed + r 2^32`` is one-to-one over
+seeds in [0, 2^32) (Lightning's seed range) and ranks < 2^31: no two (seed, rank) pairs share a stream, so a sweep's
+seeds stay independent however many ranks each uses, and a single process (rank 0) draws the stream of ``seed``
+itself. Runs with the same seed repeat, and the only state a checkpoint needs is ``k`` (the number of batches drawn
+so far), which is the same on every rank; a resumed run, whatever its world size, therefore continues exactly where
+it stopped.
 """
 from __future__ import annotations
 
@@ -29,9 +32,10 @@ from lightning_saferl.data.format import DatasetError, Transitions, read_dataset
 from lightning_saferl.data.tasks import TaskSpec, get_task
 from lightning_saferl.errors import InputError
 
-__all__ = ["OfflineDataModule", "default_cache_dir", "point_robot_dataset_path"]
+__all__ = ["OfflineDataModule", "default_cache_dir", "point_robot_dataset_path", "rank_stream_key"]
 
 _MASK64 = (1 << 64) - 1
+_SEED_RANGE = 1 << 32  # Lightning's seeds: [0, 2^32)
 
 
 def default_cache_dir() -> Path:
@@ -52,6 +56,12 @@ def _stream_seed(base: int, step: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) >> 1
+
+
+def rank_stream_key(seed: int, rank: int) -> int:
+    """Key of the batch stream of DDP rank `rank` under seed `seed`: seed + rank 2^32, one-to-one over seeds in
+    [0, 2^32) and ranks < 2^31 (rank 0: the seed itself)."""
+    return seed + rank * _SEED_RANGE
 
 
 class _EpochBatches:
@@ -99,8 +109,8 @@ class OfflineDataModule(pl.LightningDataModule):
             data is looked up in / downloaded to the DSRL cache (``$DSRL_DATASET_DIR`` or ``~/.dsrl/datasets``).
         batch_size: transitions per batch.
         steps_per_epoch: batches per epoch.
-        seed: seed of the sampling stream (per rank: seed + global_rank). The generated PointRobot data itself
-            always uses data seed 0.
+        seed: seed of the sampling stream, in [0, 2^32) (each rank draws its own: `rank_stream_key`). The
+            generated PointRobot data itself always uses data seed 0.
         cache_dir: where generated PointRobot datasets live (default ``$LIGHTNING_SAFERL_CACHE`` or
             ``~/.cache/lightning_saferl``).
         num_transitions: size of the generated PointRobot dataset.
@@ -140,6 +150,8 @@ class OfflineDataModule(pl.LightningDataModule):
                              f"{steps_per_epoch}, {num_transitions}")
         if sequence_length is not None and sequence_length < 1:
             raise InputError(f"data.sequence_length must be >= 1 (or null for transitions), got {sequence_length}")
+        if not 0 <= int(seed) < _SEED_RANGE:
+            raise InputError(f"data.seed must be in [0, 2^32) (Lightning's seed range), got {seed}")
         self.save_hyperparameters()
         self.task_spec: TaskSpec = get_task(task)
         self.path = path
@@ -344,7 +356,7 @@ class OfflineDataModule(pl.LightningDataModule):
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
-        gen.manual_seed(_stream_seed(self.seed + self.global_rank, step))
+        gen.manual_seed(_stream_seed(rank_stream_key(self.seed, self.global_rank), step))
         return gen
 
     def sample_indices(self, step: int, device: Optional[torch.device] = None) -> torch.Tensor:
