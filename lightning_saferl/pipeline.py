@@ -56,6 +56,8 @@ holds the resolved recipe (`config.yaml`), `run_info.json` (seed, package versio
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import importlib
 import inspect
 import json
@@ -63,13 +65,16 @@ import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import socket
+import stat
 import sys
+import threading
 import time
 import traceback
 from argparse import ArgumentError
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import lightning as L
 import torch
@@ -399,15 +404,35 @@ def run_pipeline(cfg: Namespace, command: Optional[list[str]] = None) -> dict[st
     make_env(plan.task_spec.task_id).close()  # a missing simulator fails now, not after training
     run_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(run_dir):
+        _refuse_held_stages(plan)
         _refuse(plan.conflicts(), run_dir)
         return _run_locked(plan, cfg, command, started)
 
 
+def _open_lock_file(path: Path):
+    """`path` opened for reading and writing, created if missing, never through a link: a symbolic link there (or a
+    file with other hard links, or not a regular file) is refused, so a lock cannot be made to truncate another file.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        raise InputError(f"{path} is a symbolic link; a lock file is never written through a link: remove the "
+                         "link and rerun") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        raise InputError(f"{path} is not a regular file of its own ({info.st_nlink} hard links); a lock file is "
+                         "never written into another file: remove it and rerun")
+    return os.fdopen(fd, "r+")
+
+
 @contextlib.contextmanager
-def _exclusive(run_dir: Path):
-    """Hold `<run_dir>/.pipeline.lock`, an OS file lock (released when the process ends, however it ends), so that
-    two pipelines never train into one run directory; a second one stops at once naming the holder. Under DDP
-    every rank runs the pipeline: only the first process (rank 0 of node 0) takes the lock."""
+def _file_lock(path: Path, busy: Callable[[str], str]):
+    """Hold an OS file lock on `path` (released when the process ends, however it ends), writing this process into
+    it; if another process holds it, InputError(`busy(what the holder wrote)`) at once. Under DDP every rank runs
+    the pipeline: only the first process (rank 0 of node 0) takes locks. Not POSIX: no lock."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -416,14 +441,13 @@ def _exclusive(run_dir: Path):
     if fcntl is None or any(ranks):
         yield
         return
-    with open(run_dir / ".pipeline.lock", "a+") as handle:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _open_lock_file(path) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise InputError(f"{run_dir} is in use by another pipeline ({holder}); wait for it to finish or use "
-                             "another --run_dir") from None
+            raise InputError(busy(handle.read().strip() or "another process")) from None
         handle.truncate(0)
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
         handle.flush()
@@ -431,6 +455,29 @@ def _exclusive(run_dir: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _exclusive(run_dir: Path):
+    """Hold `<run_dir>/.pipeline.lock` (`_file_lock`), so that two pipelines never train into one run directory;
+    a second one stops at once naming the holder."""
+    return _file_lock(run_dir / ".pipeline.lock", lambda holder: f"{run_dir} is in use by another pipeline "
+                      f"({holder}); wait for it to finish or use another --run_dir")
+
+
+def _stage_lock(stage_dir: Path):
+    """Hold `<stage_dir>/.stage.lock` while the stage trains (in this process or a worker): a worker that outlives
+    its pipeline still holds it, and no other pipeline trains the stage meanwhile (`_refuse_held_stages`)."""
+    return _file_lock(stage_dir / ".stage.lock", lambda holder: f"stage '{stage_dir.name}' of {stage_dir.parent} is "
+                      f"still being trained by {holder}, a stage worker whose pipeline ended; wait for it to stop (it "
+                      "saves its last.ckpt) or end it, then rerun the same command")
+
+
+def _refuse_held_stages(plan: "_Plan") -> None:
+    """InputError naming the holder if a stage of the run directory is still being trained by another process."""
+    for name in plan.names:
+        if (plan.run_dir / name / ".stage.lock").exists():
+            with _stage_lock(plan.run_dir / name):
+                pass
 
 
 def _run_locked(plan: _Plan, cfg: Namespace, command: Optional[list[str]], started: float) -> dict[str, Any]:
@@ -483,30 +530,31 @@ def _train_stage(plan: _Plan, cfg: Namespace, name: str, trained: dict[str, Safe
     stages it takes inputs from, write `<run_dir>/<name>/model.ckpt` and return the model. `callbacks` join the
     recipe's for this run only (not part of the stage's config)."""
     stage_dir = plan.run_dir / name
-    final = stage_dir / "model.ckpt"
-    if name in plan.restart:
-        final.unlink(missing_ok=True)
-    last = None if name in plan.restart else latest_checkpoint(stage_dir)
-    L.seed_everything(cfg.seed_everything, workers=True)
-    model, trainer_kwargs, datamodule = _instantiate(name, plan.parsed[name], plan.classes[name], trained)
-    kwargs, log_dir = trainer_arguments({**trainer_kwargs, "default_root_dir": str(stage_dir)},
-                                        LastCheckpoint(every_n_train_steps=cfg.checkpoint_every_n_steps),
-                                        record=plan.records[name])
-    kwargs["callbacks"].append(RunRecord(log_dir, _stage_parser().dump(plan.parsed[name], skip_none=False),
-                                         cfg.seed_everything, command))
-    kwargs["callbacks"].extend(callbacks)
-    trainer = L.Trainer(**kwargs)
-    print(f"[pipeline] stage '{name}': {type(model).__name__}, max_steps={trainer.max_steps}"
-          f"{', resuming from ' + str(last) if last else ''}{', restarted' if name in plan.restart else ''}")
-    try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=last, weights_only=True)
-    except NonFiniteLossError as err:
-        err.args = (f"stage '{name}': {err.args[0]}",)
-        raise
-    tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # a kill while writing must not look finished
-    trainer.save_checkpoint(tmp, weights_only=True)
-    os.replace(tmp, final)
-    return model
+    with _stage_lock(stage_dir):  # held from before anything is written until model.ckpt is
+        final = stage_dir / "model.ckpt"
+        if name in plan.restart:
+            final.unlink(missing_ok=True)
+        last = None if name in plan.restart else latest_checkpoint(stage_dir)
+        L.seed_everything(cfg.seed_everything, workers=True)
+        model, trainer_kwargs, datamodule = _instantiate(name, plan.parsed[name], plan.classes[name], trained)
+        kwargs, log_dir = trainer_arguments({**trainer_kwargs, "default_root_dir": str(stage_dir)},
+                                            LastCheckpoint(every_n_train_steps=cfg.checkpoint_every_n_steps),
+                                            record=plan.records[name])
+        kwargs["callbacks"].append(RunRecord(log_dir, _stage_parser().dump(plan.parsed[name], skip_none=False),
+                                             cfg.seed_everything, command))
+        kwargs["callbacks"].extend(callbacks)
+        trainer = L.Trainer(**kwargs)
+        print(f"[pipeline] stage '{name}': {type(model).__name__}, max_steps={trainer.max_steps}"
+              f"{', resuming from ' + str(last) if last else ''}{', restarted' if name in plan.restart else ''}")
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=last, weights_only=True)
+        except NonFiniteLossError as err:
+            err.args = (f"stage '{name}': {err.args[0]}",)
+            raise
+        tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # a kill while writing must not look finished
+        trainer.save_checkpoint(tmp, weights_only=True)
+        os.replace(tmp, final)
+        return model
 
 
 def _stage_workers(plan: _Plan, cfg: Namespace, todo: list[str]) -> int:
@@ -537,7 +585,8 @@ def _train_in_workers(plan: _Plan, cfg: Namespace, todo: list[str], workers: int
     inputs from are finished. This process's torch threads are shared among the running workers, anew
     whenever one starts or ends (a worker takes its new share before its next batch): when FISOR's reward critic
     finishes, the feasibility critic trains on every core. The first failure stops the other workers (SIGTERM: they
-    save last.ckpt) and is raised here."""
+    save last.ckpt) and is raised here; so does a SIGTERM to this process (raised as Lightning's SIGTERMException).
+    Workers end with this process however it ends (`_end_with_parent`)."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     running: dict[str, Any] = {}
@@ -545,6 +594,7 @@ def _train_in_workers(plan: _Plan, cfg: Namespace, todo: list[str], workers: int
     budget = torch.get_num_threads()
     done, todo = {name for name in plan.names if name not in todo}, list(todo)
     try:
+        _raise_on_sigterm()
         while todo or running:
             ready = [name for name in todo if set(plan.parsed[name].inputs.values()) <= done]
             ready = ready[:workers - len(running)]
@@ -555,7 +605,7 @@ def _train_in_workers(plan: _Plan, cfg: Namespace, todo: list[str], workers: int
                 todo.remove(name)
                 shares[name] = context.Value("i", threads, lock=False)
                 running[name] = context.Process(target=_stage_worker, args=(cfg, name, command, shares[name],
-                                                                            results), name=f"stage-{name}")
+                                                                            results, os.getpid()), name=f"stage-{name}")
                 running[name].start()
             try:
                 name, error = results.get(timeout=1.0)
@@ -571,9 +621,59 @@ def _train_in_workers(plan: _Plan, cfg: Namespace, todo: list[str], workers: int
                 raise error
             done.add(name)
     finally:
+        _restore_sigterm()  # a second SIGTERM ends this process: its workers end with it (`_end_with_parent`)
         for process in running.values():
-            process.terminate()
-            process.join()
+            process.terminate()  # SIGTERM: the worker saves its last.ckpt at the end of its current step
+        for process in running.values():
+            process.join(WORKER_STOP_SECONDS)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+#: how long a stopped stage worker may take to save its last.ckpt before it is killed
+WORKER_STOP_SECONDS = 120
+_sigterm_handlers: list[Any] = []
+
+
+def _raise_on_sigterm() -> None:
+    """Until `_restore_sigterm`: SIGTERM to this process raises Lightning's SIGTERMException (the command line
+    prints how to resume), so that the pipeline's cleanup stops its workers. Only from the main thread."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SIGTERMException(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        _sigterm_handlers.append(signal.signal(signal.SIGTERM, stop))
+
+
+def _restore_sigterm() -> None:
+    if _sigterm_handlers:
+        signal.signal(signal.SIGTERM, _sigterm_handlers.pop())
+
+
+#: prctl(2) option: the signal a Linux process receives when its parent ends
+PR_SET_PDEATHSIG = 1
+
+
+def _end_with_parent(parent: int) -> None:
+    """Make this worker receive SIGTERM when its pipeline process (`parent`) ends, even by SIGKILL: Linux's
+    parent-death signal (prctl PR_SET_PDEATHSIG), elsewhere a thread that watches the parent pid each second. A
+    worker whose parent already ended stops here. SIGTERM makes a training worker save its last.ckpt and stop."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if not sys.platform.startswith("linux") or libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) is not available")
+    except (OSError, AttributeError):
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="watch-pipeline", daemon=True).start()
+    if os.getppid() != parent:
+        raise SystemExit(f"[pipeline] process {parent} ended before its stage worker {os.getpid()} started")
 
 
 class _FollowThreadShare(L.Callback):
@@ -594,9 +694,10 @@ class _FollowThreadShare(L.Callback):
             tqdm.write(f"[pipeline] stage '{self.stage}': {threads} threads from step {trainer.global_step}")
 
 
-def _stage_worker(cfg: Namespace, name: str, command: Optional[list[str]], share: Any, results) -> None:
-    """One stage in a worker process: its inputs are read from their model.ckpt; `share` holds its thread count;
-    puts (name, None or the error)."""
+def _stage_worker(cfg: Namespace, name: str, command: Optional[list[str]], share: Any, results, parent: int) -> None:
+    """One stage in a worker process of pipeline process `parent`: its inputs are read from their model.ckpt; `share`
+    holds its thread count; puts (name, None or the error). Ends with its parent (`_end_with_parent`)."""
+    _end_with_parent(parent)
     torch.set_num_threads(share.value)
     try:
         plan = _Plan(cfg)
@@ -605,7 +706,13 @@ def _stage_worker(cfg: Namespace, name: str, command: Optional[list[str]], share
                    for source in sources}
         _train_stage(plan, cfg, name, trained, command, callbacks=(_FollowThreadShare(name, share),))
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
-        traceback.print_exc()
+        if os.getppid() != parent:  # the pipeline ended (its SIGTERM stopped this worker): nobody to report to
+            saved = getattr(err, "last_checkpoint", None)
+            print(f"[pipeline] stage '{name}': stopped with its pipeline (process {parent})"
+                  + (f"; state saved to {saved}" if saved else ""), file=sys.stderr, flush=True)
+            return
+        if not isinstance(err, SystemExit):
+            traceback.print_exc()
         try:
             pickle.dumps(err)
         except Exception:  # noqa: BLE001 - an error that cannot cross processes is described instead

@@ -468,3 +468,122 @@ def test_fit_on_a_dsrl_task_not_cached_downloads_before_building_the_model(tmp_p
     hparams = torch.load(run_dirs(tmp_path / "out")[-1] / "checkpoints" / "last.ckpt",
                          weights_only=True)["hyper_parameters"]
     assert fetched and (hparams["obs_dim"], hparams["act_dim"]) == (7, 3)
+
+
+# ------------------------------------------------------------------------------------------- stage workers
+def parallel_recipe(data_path, critic_steps):
+    """Two critics that train at once in stage workers (--parallel_stages 2), then an actor fed by both."""
+    critic = {"init_args": {"hidden_dims": [4]}}
+    return {"algorithm": "fisor", "data": {"path": data_path, "batch_size": 8, "steps_per_epoch": 50},
+            "trainer": {"max_steps": critic_steps, "log_every_n_steps": 50, **QUIET},
+            "checkpoint_every_n_steps": 10 ** 6, "parallel_stages": 2,
+            "stages": {
+                "feasibility_critic": {"model": {"class_path": "lightning_saferl.critics.FeasibilityCritic", **critic}},
+                "reward_critic": {"model": {"class_path": "lightning_saferl.critics.RewardCritic", **critic}},
+                "actor": {"model": {"class_path": "lightning_saferl.actors.FisorActor",
+                                    "init_args": {"hidden_dim": 8, "num_blocks": 1, "num_candidates": 2}},
+                          "trainer": {"max_steps": 2},
+                          "inputs": {"feasibility_critic": "feasibility_critic", "reward_critic": "reward_critic"}}},
+            "evaluation": {"episodes": 1, "num_envs": 1}}
+
+
+def alive(pid):
+    """Whether process `pid` still runs (a zombie waiting for its parent to reap it counts as ended)."""
+    try:
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:3] + " "
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(condition, seconds, what):
+    import time
+
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"gave up after {seconds} s waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_killing_a_pipeline_ends_its_stage_workers(tmp_path, good_file, signum):
+    """However the pipeline process ends, its stage workers stop too (each saving its last.ckpt), not training on
+    with parent 1; SIGTERM says how to resume."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(parallel_recipe(good_file, critic_steps=10 ** 7), sort_keys=False))
+    run, log = tmp_path / "run", tmp_path / "out.txt"
+    with open(log, "w") as out:
+        pipeline = subprocess.Popen([sys.executable, "-m", "lightning_saferl.cli", "pipeline", "--config",
+                                     str(recipe), "--run_dir", str(run)], stdout=out, stderr=subprocess.PIPE,
+                                    text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    try:
+        def worker_pids():
+            return [int(line.rsplit(" ", 1)[1]) for line in log.read_text().splitlines()
+                    if "threads in process" in line]
+
+        wait_until(lambda: len(worker_pids()) == 2 or pipeline.poll() is not None, 240, "two stage workers")
+        workers = worker_pids()
+        assert len(workers) == 2 and pipeline.pid not in workers, log.read_text()[-2000:]
+        wait_until(lambda: list(run.glob("*/lightning_logs/version_0/metrics.csv")), 120, "training")
+        pipeline.send_signal(signum)
+        err = pipeline.communicate(timeout=180)[1]
+        wait_until(lambda: not any(alive(pid) for pid in workers), 120, "the workers to end")
+    finally:
+        pipeline.kill()
+    for stage in ("feasibility_critic", "reward_critic"):  # stopped by SIGTERM: state saved (not the periodic one)
+        assert torch.load(run / stage / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
+                          weights_only=True)["global_step"] > 0
+    if signum == signal.SIGTERM:
+        assert pipeline.returncode == 143, err[-2000:]
+        assert err.strip().splitlines()[-1] == \
+            "lightning-saferl pipeline: stopped by SIGTERM; rerun the same command to resume"
+
+
+HOLD_STAGE = """
+import sys, time
+from pathlib import Path
+from lightning_saferl.pipeline import _stage_lock
+with _stage_lock(Path(sys.argv[1])):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file locks")
+def test_a_rerun_cannot_start_while_an_orphaned_worker_holds_a_stage(tmp_path, capsys, good_file):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(parallel_recipe(good_file, critic_steps=2), sort_keys=False))
+    run = tmp_path / "run"
+    argv = ["pipeline", "--config", str(recipe), "--run_dir", str(run), "--parallel_stages", "1"]
+    orphan = subprocess.Popen([sys.executable, "-c", HOLD_STAGE, str(run / "reward_critic")], stdout=subprocess.PIPE,
+                              text=True)  # a stage worker training on after its pipeline ended
+    try:
+        assert orphan.stdout.readline().strip() == "holding"
+        err = expect_error(capsys, argv)
+        assert err.endswith(f"error: stage 'reward_critic' of {run} is still being trained by pid {orphan.pid} on "
+                            f"{os.uname().nodename}, a stage worker whose pipeline ended; wait for it to stop (it "
+                            "saves its last.ckpt) or end it, then rerun the same command"), err
+        assert not list(run.glob("*/lightning_logs"))  # nothing trained
+    finally:
+        orphan.kill()
+        orphan.wait()
+    main(argv)  # the stage is free: the same command goes ahead
+    assert (run / "actor" / "model.ckpt").exists()
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_the_lock_never_writes_through_a_link(tmp_path, capsys, good_file, link):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("not a lock")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".pipeline.lock").symlink_to(precious) if link == "symlink" else os.link(precious, run / ".pipeline.lock")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(bc_recipe(good_file), sort_keys=False))
+    err = expect_error(capsys, ["pipeline", "--config", str(recipe), "--run_dir", str(run)])
+    lock = run / ".pipeline.lock"
+    assert err.endswith(f"error: {lock} is a symbolic link; a lock file is never written through a link: remove the "
+                        "link and rerun" if link == "symlink" else
+                        f"error: {lock} is not a regular file of its own (2 hard links); a lock file is never written "
+                        "into another file: remove it and rerun"), err
+    assert precious.read_text() == "not a lock" and not (run / "policy").exists()
