@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import h5py
@@ -74,6 +75,19 @@ def with_nonfinite(data):
     return data
 
 
+def beyond_float32(data):
+    """Finite float64 values that float32 cannot hold: they would train as inf."""
+    data = {k: v.astype(np.float64) for k, v in data.items()}
+    data["rewards"][[1, 9]] = 1e300
+    data["observations"][4, 0] = -1e39
+    return data
+
+
+def symlink(path, target):
+    path.symlink_to(target)
+    return str(path)
+
+
 def write_text(path, text):
     Path(path).write_text(text)
     return str(path)
@@ -97,6 +111,14 @@ BAD_DATASETS = [
     ("not_hdf5", lambda p: write_text(p, "observations,actions\n1,2\n"), ["not a readable HDF5 file"]),
     ("strings", lambda p: write_raw(p, {**arrays(), "rewards": np.array([b"x"] * 64)}), ["as numbers"]),
     ("does_not_exist", lambda p: str(p), ["does not exist"]),
+    ("float32_overflow", lambda p: write_raw(p, beyond_float32(arrays())),
+     ["non-finite", "rewards: 0 NaN and 0 inf value(s) and 2 finite value(s) beyond float32's range in 2 row(s), "
+      "first at row 1", "observations: 0 NaN and 0 inf value(s) and 1 finite value(s) beyond float32's range in 1 "
+      "row(s), first at row 4"]),
+    ("symlink_loop", lambda p: symlink(p, p), ["symlink loop"]),
+    ("dangling_link", lambda p: symlink(p, p.with_name("gone.hdf5")), ["is a symbolic link to", "gone.hdf5",
+                                                                       "which does not exist"]),
+    ("empty_path", lambda p: "", ["data.path is empty ('')"]),
 ]
 
 
@@ -166,6 +188,29 @@ def test_bad_dataset_fails_before_training_with_one_line(tmp_path, capsys, comma
     err = expect_error(capsys, argv)
     assert path in err and all(s in err for s in expected), err
     assert not (tmp_path / "out").exists()  # no run directory, logger or checkpoint was created
+
+
+@pytest.mark.parametrize("widen", [lambda a: a * 10,  # 10x the bounds
+                                   lambda a: np.where(a > 0, 100, -100).astype(np.int8)],  # int8 actions of +-100
+                         ids=["10x", "int8"])
+def test_actions_outside_the_bounds_are_clipped_with_one_warning(tmp_path, widen):
+    from lightning_saferl.data.datamodule import OfflineDataModule
+    from lightning_saferl.data.format import DatasetWarning
+
+    actions = widen(arrays()["actions"])
+    path = write_raw(tmp_path / "wide.hdf5", {**arrays(), "actions": actions})
+    with pytest.warns(DatasetWarning) as caught:
+        data = OfflineDataModule(path=path).load()
+    outside, low, high = int((np.abs(actions) > 1).sum()), np.float32(actions.min()), np.float32(actions.max())
+    assert 0 < outside <= actions.size
+    assert [str(w.message) for w in caught] == [
+        f"{path}: {outside} of {actions.size} action value(s) lie outside the action bounds [-1, 1] (range "
+        f"[{low:.4g}, {high:.4g}]) and are clipped to [-1, 1]; rescale the actions to [-1, 1] if the file's action "
+        "space is wider"]
+    assert data.actions.abs().max() < 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # actions within the bounds: not a word
+        OfflineDataModule(path=write_raw(tmp_path / "in_bounds.hdf5", arrays())).load()
 
 
 def test_debug_shows_the_exception_itself(tmp_path, monkeypatch):
@@ -251,6 +296,21 @@ def test_pickled_code_in_a_checkpoint_is_not_executed(tmp_path, capsys, good_fil
     assert not marker.exists()
 
 
+class _RunsAShell:
+    """Unpickling this object would call os.system, whose module torch's restricted unpickler blocks outright."""
+
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+def test_a_checkpoint_holding_a_blocked_global_is_refused_as_such(tmp_path, capsys, good_file, feasibility_ckpt):
+    evil = str(tmp_path / "evil.ckpt")
+    torch.save({**torch.load(feasibility_ckpt, weights_only=True), "payload": _RunsAShell()}, evil)
+    err = expect_error(capsys, ["test", "--ckpt_path", evil, "--data.path", good_file])
+    assert err.endswith(f"error: {evil}: refused to load: the checkpoint holds GLOBAL {os.system.__module__}.system, "
+                        "an object that weights_only=True refuses (nothing in it was executed)"), err
+
+
 # ------------------------------------------------------------------------------------------- numerical faults
 def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, capsys, good_file):
     # lr 1e12: after one Adam step every weight is ~1e12 and the next loss overflows float32
@@ -323,6 +383,24 @@ def test_sigterm_saves_state_and_the_resumed_run_matches_an_uninterrupted_one(tm
     reference = torch.load(run_dirs(tmp_path / "reference")[-1] / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 10 and resumed["OfflineDataModule"]["batches_drawn"] == 10
     assert_same_training_state(resumed, reference)
+
+
+def test_sigterm_of_a_one_stage_pipeline_says_to_rerun_the_same_command(tmp_path, helpers, good_file):
+    recipe = bc_recipe(good_file, steps=8)
+    recipe["stages"]["policy"]["trainer"] = {"callbacks": [{"class_path": "saferl_test_helpers.SignalAt",
+                                                            "init_args": {"step": 3, "signum": int(signal.SIGTERM)}}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    argv = [sys.executable, "-m", "lightning_saferl.cli", "pipeline", "--config", str(path), "--run_dir",
+            str(tmp_path / "run")]
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**helpers, "SAFERL_TEST_KILL": "1"}, timeout=300)
+    last = tmp_path / "run" / "policy" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"lightning-saferl pipeline: stopped by SIGTERM; state saved to {last} (step 3); rerun the same command to "
+        "resume")
+    proc = subprocess.run(argv, capture_output=True, text=True, env=helpers, timeout=300)  # as the message says
+    assert proc.returncode == 0 and f"resuming from {last}" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_sigkill_pipeline_resumes_skipping_finished_stages(tmp_path, helpers, good_file, capsys, monkeypatch):
