@@ -665,3 +665,34 @@ def test_the_lock_never_writes_through_a_link(tmp_path, capsys, good_file, link)
                         f"error: {lock} is not a regular file of its own (2 hard links); a lock file is never written "
                         "into another file: remove it and rerun"), err
     assert precious.read_text() == "not a lock" and not (run / "policy").exists()
+
+
+# ------------------------------------------------------------------------------------------- declared dependencies
+def test_every_benchmark_import_is_declared_in_the_dev_and_bench_extras():
+    """`pip install -e ".[dev]"` (or ".[bench]") installs whatever a benchmark imports."""
+    import ast
+    import importlib.metadata as md
+    import re
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {re.split(r"[\[<>=~!; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+    distributions = md.packages_distributions()
+    imported = set()
+    for script in (root / "benchmarks").glob("*.py"):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "lightning_saferl"}
+    assert {"torch", "scipy", "ray"} <= third_party
+    for extra in ("dev", "bench"):
+        declared = names(project["dependencies"]) | names(project["optional-dependencies"][extra])
+        missing = {m for m in third_party
+                   if not names(distributions.get(m, [m])) & declared}
+        assert not missing, f"benchmarks import {sorted(missing)}, which neither the dependencies nor [{extra}] install"
