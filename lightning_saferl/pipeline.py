@@ -38,7 +38,9 @@ Values are typed by the Trainer / model / OfflineDataModule signatures; the comm
 position relative to `--config`.
 
 Before anything trains, the dataset of every stage is read and validated and every stage's config is checked
-(unknown options, model init arguments, inputs), so a mistake in the last stage fails at once.
+(unknown options, model init arguments, inputs, training length, cost limits; each model is built once, its
+constructor and `SafeRLModule.check_settings` judging its values), so a mistake in the last stage fails at once.
+A `class_path` outside `TRUSTED_PACKAGES` is imported only if its module's source (read, not run) defines it.
 Each stage trains exactly as `fit --trainer.default_root_dir <run_dir>/<stage>` does (`lightning_saferl.runs`):
 logs, `config.yaml`, `run_info.json` and `checkpoints/last.ckpt` in `<run_dir>/<stage>/lightning_logs/version_N/`
 (a new N per start), and at the end `<run_dir>/<stage>/model.ckpt`. Re-running on the same run directory loads a
@@ -49,16 +51,21 @@ only for the same config, otherwise the run stops naming the changed keys, and `
 stages (and the stages that take their output) afresh. A model's acting-only settings
 (`SafeRLModule.acting_hparams`, e.g. FisorActor's candidate choice) are not part of that config: a finished stage is
 reused with the recipe's values, which are written into its model.ckpt. While it runs, a pipeline holds a lock on
-its run directory (`.pipeline.lock`): a second one on the same directory stops at once. The run directory also
+its run directory (`.pipeline.lock`): a second one on the same directory stops at once; a training stage holds
+`<stage>/.stage.lock`, so a rerun refuses while a stage worker of an ended pipeline still trains. Lock files are
+never written through a link. Stage workers end with their pipeline however it ends (SIGTERM, SIGKILL: each saves
+its last.ckpt); a pipeline stopped by SIGTERM says to rerun the same command, which resumes. The run directory also
 holds the resolved recipe (`config.yaml`), `run_info.json` (seed, package versions) and `summary.json`
 (evaluation of the final policy).
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import ctypes
 import errno
 import importlib
+import importlib.machinery
 import inspect
 import json
 import multiprocessing
@@ -88,8 +95,9 @@ from lightning_saferl.callbacks import LastCheckpoint
 from lightning_saferl.data.datamodule import OfflineDataModule
 from lightning_saferl.errors import InputError, UnknownNameError
 from lightning_saferl.policy import load_module, read_checkpoint
-from lightning_saferl.runs import (RunRecord, atomic_write_text, config_changes, config_record, latest_checkpoint,
-                                   register_resolvers, stored_record, trainer_arguments, write_run_info)
+from lightning_saferl.runs import (RunRecord, atomic_write_text, check_training_length, config_changes, config_record,
+                                   latest_checkpoint, register_resolvers, stored_record, trainer_arguments,
+                                   write_run_info)
 
 
 SMOKE_STEPS = 5
@@ -214,16 +222,73 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
+#: packages whose modules a recipe's class_path may import directly; a module elsewhere is imported only once its
+#: source, read without running it, is seen to define the class (`_defines_class`)
+TRUSTED_PACKAGES = ("lightning_saferl", "lightning", "torch")
+
+
+def _defines_class(module_name: str, class_name: str) -> bool:
+    """Whether the source of module `module_name` binds `class_name` at its top level (a class, an assignment or an
+    import), found and read without executing the module or its packages (importlib's PathFinder, then ast)."""
+    search, spec = None, None
+    parts = module_name.split(".")
+    for depth in range(1, len(parts) + 1):
+        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:depth]), search)
+        if spec is None:
+            return False
+        search = spec.submodule_search_locations
+    if spec.origin is None or not spec.origin.endswith(".py"):
+        return False
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8", errors="replace"))
+    bound = set()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            bound |= {target.id for target in targets if isinstance(target, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return class_name in bound
+
+
+def _import_class(class_path: str, where: str) -> Any:
+    """The object `class_path` names, importing its module only when that is safe: the module is already imported,
+    lies in `TRUSTED_PACKAGES`, or its source defines the name (`_defines_class`). Else InputError, with nothing
+    imported: a recipe naming e.g. `this.Nothing` runs no module."""
+    module_name, _, class_name = class_path.rpartition(".")
+    if not module_name or not all(part.isidentifier() for part in class_path.split(".")):
+        raise InputError(f"{where}: {class_path!r} is not a dotted class path (e.g. lightning_saferl.actors.BCAll)")
+    if not (module_name in sys.modules or module_name.split(".")[0] in TRUSTED_PACKAGES
+            or _defines_class(module_name, class_name)):
+        raise InputError(f"{where}: no class '{class_name}' found in the source of module '{module_name}' (the "
+                         "module was not imported)")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise InputError(f"{where}: cannot import '{class_path}' ({_one_line(err)})") from None
+
+
+def _check_class_paths(name: str, config: Any) -> None:
+    """Every `class_path` in a stage config (model, callbacks, loggers, ...) names an existing object, found
+    without running a module that does not define it (`_import_class`); jsonargparse then checks its kind."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key == "class_path" and isinstance(value, str) and "." in value:  # a bare name: jsonargparse's lookup
+                _import_class(value, f"stage '{name}'")
+            else:
+                _check_class_paths(name, value)
+    elif isinstance(config, (list, tuple)):
+        for value in config:
+            _check_class_paths(name, value)
+
+
 def _model_class(name: str, model: dict) -> type:
     class_path = model.get("class_path")
     if not isinstance(class_path, str) or "." not in class_path:
         raise InputError(f"stage '{name}': model needs a 'class_path' (e.g. lightning_saferl.actors.BCAll), "
                          f"got {class_path!r}")
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise InputError(f"stage '{name}': cannot import model class '{class_path}' ({_one_line(err)})") from None
+    cls = _import_class(class_path, f"stage '{name}': model class")
     if not (isinstance(cls, type) and issubclass(cls, SafeRLModule)):
         raise InputError(f"stage '{name}': '{class_path}' is not a lightning_saferl module (SafeRLModule subclass)")
     return cls
@@ -251,6 +316,13 @@ def _check_stage(name: str, config: dict, earlier: list[str], overrides: list[st
     (`overrides`) are applied. Returns (model class, parsed config)."""
     args, inputs = _stage_overrides(overrides, name)
     config = {**config, "inputs": {**config["inputs"], **inputs}}
+    _check_class_paths(name, config)
+    for group in _options(args):  # a class named on the command line, before jsonargparse imports it
+        named = _option_name(group).endswith("class_path") or _option_name(group) == "--model"
+        if named and (len(group) == 2 or "=" in group[0]):
+            value = group[0].partition("=")[2] if "=" in group[0] else group[1]
+            if not value.lstrip().startswith(("{", "[")):
+                _import_class(value, f"stage '{name}': {_option_name(group)}")
     cls = _model_class(name, config["model"])
     parameters = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
@@ -293,6 +365,29 @@ def _instantiate(name: str, parsed: Namespace, cls: type, trained: dict[str, Saf
     return model, {key: init.trainer[key] for key in init.trainer.keys()}, init.data
 
 
+def _check_models(plan: "_Plan") -> None:
+    """Build every stage's model (without its inputs, which earlier stages train) and check its settings
+    (`SafeRLModule.check_settings`), so that a value its constructor or that check refuses stops the run before any
+    stage trains. Stages whose class needs an input to be built are checked when they start. Torch's random state
+    is left as it was."""
+    for name in plan.names:
+        parsed, cls = plan.parsed[name], plan.classes[name]
+        kwargs = {key: value for key, value in _plain(parsed.model.init_args).items() if key not in parsed.inputs}
+        required = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+                    if p.name in parsed.inputs and p.default is inspect.Parameter.empty]
+        if required:
+            continue
+        with torch.random.fork_rng(devices=[]):
+            try:
+                model = cls(**kwargs)
+            except ValueError as err:
+                raise InputError(f"stage '{name}': {_one_line(err)}") from err
+        try:
+            model.check_settings()
+        except InputError as err:
+            raise InputError(f"stage '{name}': {err}") from None
+
+
 def _dataset_key(data: dict) -> tuple:
     return tuple(data.get(k) for k in DATASET_KEYS)
 
@@ -324,6 +419,7 @@ class _Plan:
         dataset = checked.load()
         obs_dim, act_dim, self.task_spec = dataset.obs_dim, dataset.act_dim, checked.task_spec
         del checked, dataset  # each stage reads its own copy
+        evaluation_limits(cfg, self.task_spec)  # checked now: the summary needs them only after training
         self.run_dir = Path(cfg.run_dir or
                             f"runs/{cfg.algorithm}-{self.task_spec.task_id}-{time.strftime('%Y%m%d-%H%M%S')}")
         if not cfg.stages:
@@ -333,6 +429,7 @@ class _Plan:
         self.parsed, self.classes, self.records = {}, {}, {}
         for i, name in enumerate(self.names):
             self.classes[name], self.parsed[name] = _check_stage(name, configs[name], self.names[:i], cfg.overrides)
+            check_training_length(self.parsed[name].trainer, f"stage '{name}': ")
             inputs = {s: self.records[s]["sha256"] for s in self.parsed[name].inputs.values()}
             self.records[name] = _stage_record(self.parsed[name], cfg.seed_everything, inputs,
                                                self.classes[name].acting_hparams)
@@ -397,6 +494,7 @@ def run_pipeline(cfg: Namespace, command: Optional[list[str]] = None) -> dict[st
     """Check everything, train the stages not finished yet, evaluate the last one; returns the summary."""
     started = time.time()
     plan = _Plan(cfg)
+    _check_models(plan)
     run_dir = plan.run_dir
 
     from lightning_saferl.envs import make_env
@@ -728,6 +826,10 @@ def apply_cost_limit(cfg: Namespace) -> None:
     fields = dict(fields) if isinstance(fields, dict) else {path: 1.0 for path in fields or []}
     if fields and cfg.cost_limit is None:
         raise InputError(f"cost_limit_fields {list(fields)} follow cost_limit, but the recipe sets no cost_limit")
+    if cfg.cost_limit is not None:
+        from lightning_saferl.evaluation import cost_limit_list
+
+        cost_limit_list(cfg.cost_limit, "cost_limit")
     for path, factor in fields.items():
         *parents, leaf = path.split(".")
         node = cfg

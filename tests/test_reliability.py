@@ -503,6 +503,88 @@ def test_a_constructor_rejecting_its_configured_arguments_is_one_line(tmp_path, 
     assert "DrcorlPolicy: need cost_slack >= 0" in err
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*point_robot.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_negative_cost_limit_is_refused_before_training_by_every_recipe(tmp_path, capsys, good_file, recipe):
+    err = expect_error(capsys, ["pipeline", "--config", str(CONFIGS / recipe), "--data.path", good_file,
+                                "--run_dir", str(tmp_path / "run"), "--cost_limit", "-5"])
+    assert err.endswith("error: cost_limit: expected one or more finite cost limits >= 0, got -5.0"), err
+    assert not (tmp_path / "run").exists()
+
+
+BC_SAFE = "lightning_saferl.actors.BCSafe"
+# (case, the last stage's model class (None: BCAll), command-line arguments, the message); each is refused before
+# the first stage trains
+BAD_VALUES = [
+    ("evaluation_cost_limits", None, ["--evaluation.cost_limits", "[10, -1]"],
+     "evaluation.cost_limits: expected one or more finite cost limits >= 0, got [10.0, -1.0]"),
+    ("stage_cost_limit", BC_SAFE, ["--stages.policy.model.init_args.cost_limit", "-5"],
+     "stage 'policy': BCSafe: cost_limit must be a finite cost budget >= 0, got -5.0"),
+    ("target_cost", "lightning_saferl.actors.CDT", ["--stages.policy.model.init_args.target_cost", "-1",
+                                                    "--data.sequence_length", "4"],
+     "stage 'policy': CDT: target_cost must be a finite cost budget >= 0, got -1.0"),
+    ("lr", None, ["--stages.policy.model.init_args.lr", "-1"], "stage 'policy': BCAll: lr must be > 0, got -1.0"),
+    ("actor_lr", "lightning_saferl.actors.CPQ", ["--stages.policy.model.init_args.actor_lr", "0"],
+     "stage 'policy': CPQ: actor_lr must be > 0, got 0.0"),
+    ("constructor", "lightning_saferl.actors.DrcorlPolicy", ["--stages.policy.model.init_args.cost_slack", "-1"],
+     "stage 'policy': DrcorlPolicy: need cost_slack >= 0"),
+    ("max_steps_0", None, ["--stages.policy.trainer.max_steps", "0"],
+     "stage 'policy': trainer.max_steps is 0: nothing would be trained; give a positive number"),
+    ("max_epochs_0", None, ["--stages.policy.trainer.max_steps", "-1", "--stages.policy.trainer.max_epochs", "0"],
+     "stage 'policy': trainer.max_epochs is 0: nothing would be trained; give a positive number"),
+    ("forever", None, ["--stages.policy.trainer.max_steps", "-1", "--stages.policy.trainer.max_epochs", "-1"],
+     "stage 'policy': trainer.max_steps -1 with max_epochs -1 trains forever; set max_steps, max_epochs or max_time"),
+    ("max_steps_-2", None, ["--stages.policy.trainer.max_steps", "-2"],
+     "stage 'policy': trainer.max_steps must be > 0 (or -1: follow max_epochs), got -2"),
+]
+
+
+@pytest.mark.parametrize("case, model, argv, expected", BAD_VALUES, ids=[c[0] for c in BAD_VALUES])
+def test_values_refused_later_are_refused_before_training(tmp_path, capsys, good_file, case, model, argv, expected):
+    recipe = bc_recipe(good_file)
+    recipe["stages"] = {"critic": {"model": {"class_path": "lightning_saferl.critics.RewardCritic",
+                                             "init_args": {"hidden_dims": [4]}}}, **recipe["stages"]}
+    if model is not None:
+        recipe["stages"]["policy"]["model"] = {"class_path": model, "init_args": {}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    err = expect_error(capsys, ["pipeline", "--config", str(path), "--run_dir", str(tmp_path / "run"), *argv])
+    assert f"error: {expected}" in err, err
+    assert not (tmp_path / "run").exists()  # not even the first stage started
+
+
+def test_fit_refuses_the_same_values_before_training(tmp_path, capsys, good_file):
+    base = ["fit", "--model", BC, "--data.path", good_file, "--trainer.default_root_dir", str(tmp_path / "out")]
+    err = expect_error(capsys, [*base, "--model.lr", "-1"])
+    assert err.endswith("error: BCAll: lr must be > 0, got -1.0"), err
+    err = expect_error(capsys, [*base, "--trainer.max_steps", "0"])
+    assert err.endswith("error: trainer.max_steps is 0: nothing would be trained; give a positive number"), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["model", "callback", "command_line"])
+def test_a_class_path_outside_the_project_runs_no_module_that_lacks_it(tmp_path, capsys, good_file, where):
+    """`this` prints the Zen of Python when imported: a recipe naming `this.Nothing` must not import it."""
+    assert "this" not in sys.modules
+    recipe = bc_recipe(good_file)
+    policy = recipe["stages"]["policy"]
+    argv = []
+    if where == "model":
+        policy["model"]["class_path"] = "this.Nothing"
+    elif where == "callback":
+        policy["trainer"] = {"callbacks": [{"class_path": "this.Nothing"}]}
+    else:
+        argv = ["--stages.policy.model.class_path", "this.Nothing"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    err = expect_error(capsys, ["pipeline", "--config", str(path), "--run_dir", str(tmp_path / "run"), *argv])
+    assert "no class 'Nothing' found in the source of module 'this' (the module was not imported)" in err, err
+    assert "this" not in sys.modules and "Beautiful is better than ugly" not in capsys.readouterr().out
+
+
 def test_help_does_not_import_lightning():
     code = ("import sys; from lightning_saferl.cli import main; main(['--help']); "
             "print('LOADED' if 'lightning' in sys.modules else 'NOT LOADED')")
