@@ -129,6 +129,18 @@ class SafeRLModule(L.LightningModule):
         self.check_acting_hparams({**self.hparams, **values})
         self.hparams.update(values)
 
+    def check_settings(self) -> None:
+        """Raise InputError for init arguments no run trains with: a learning rate (`lr`, `*_lr`) that is not > 0,
+        a cost budget (`cost_limit`, `target_cost`) that is not a finite number >= 0. `fit` and the pipeline call
+        this before training (a constructor checks what only its class knows)."""
+        for key, value in self.hparams.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if (key == "lr" or key.endswith("_lr")) and not value > 0:
+                raise InputError(f"{type(self).__name__}: {key} must be > 0, got {value}")
+            if key in ("cost_limit", "target_cost") and not (math.isfinite(value) and value >= 0):
+                raise InputError(f"{type(self).__name__}: {key} must be a finite cost budget >= 0, got {value}")
+
     @classmethod
     def check_acting_hparams(cls, hparams: dict[str, Any]) -> None:
         """Raise InputError for invalid acting settings in `hparams` (subclasses with acting settings)."""

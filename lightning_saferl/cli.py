@@ -17,7 +17,7 @@ too (`lightning_saferl.runs`). Checkpoints are read with `weights_only=True`. Re
 With `--ckpt_path` and neither `--model` nor `--config`, the model class is read from the checkpoint.
 
 Bad input (dataset, config or option, missing or wrong checkpoint, unknown task: `errors.InputError`, and a
-ValueError of a class built from the config) and a non-finite loss print one line and exit 2 (a run stopped by SIGTERM exits 143); pass --debug (or set LIGHTNING_SAFERL_DEBUG=1) for the
+ValueError of a class built from the config) and a non-finite loss print one line and exit 2 (a run stopped by SIGTERM exits 143, saying how to resume); pass --debug (or set LIGHTNING_SAFERL_DEBUG=1) for the
 traceback. Any other error is a bug or an environment problem and shows its traceback.
 """
 from __future__ import annotations
@@ -63,6 +63,15 @@ def _expected_cause(err: BaseException, expected: tuple[type[BaseException], ...
     return found
 
 
+def _how_to_resume(command: str, stop: SystemExit) -> str:
+    """What a run stopped by SIGTERM saved, and how to go on: a pipeline resumes by running the same command
+    again (every stage from its newest last.ckpt); `fit` takes the saved state as --ckpt_path."""
+    saved = getattr(stop, "last_checkpoint", None)
+    if command == "pipeline":
+        return f"{f'state saved to {saved}; ' if saved else ''}rerun the same command to resume"
+    return f"state saved to {saved}: pass it as --ckpt_path to resume" if saved else "no checkpoint written"
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("LIGHTNING_SAFERL_DEBUG") == "1" or "--debug" in argv
@@ -103,10 +112,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         lightning_exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")  # loaded if it can raise
         if lightning_exceptions is None or not isinstance(stop, lightning_exceptions.SIGTERMException):
             raise
-        saved = getattr(stop, "last_checkpoint", None)
-        print(f"lightning-saferl {command}: stopped by SIGTERM; "
-              + (f"state saved to {saved}: pass it as --ckpt_path to resume" if saved else "no checkpoint written"),
-              file=sys.stderr)
+        print(f"lightning-saferl {command}: stopped by SIGTERM; {_how_to_resume(command, stop)}", file=sys.stderr)
         sys.exit(143)
     except Exception as err:
         cause = _expected_cause(err, expected_errors())

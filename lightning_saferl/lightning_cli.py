@@ -19,7 +19,7 @@ from lightning_saferl.base import SafeRLModule
 from lightning_saferl.callbacks import LastCheckpoint
 from lightning_saferl.data.datamodule import OfflineDataModule
 from lightning_saferl.errors import InputError, WrongTypeError
-from lightning_saferl.runs import register_resolvers, trainer_arguments, write_run_record
+from lightning_saferl.runs import check_training_length, register_resolvers, trainer_arguments, write_run_record
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_DATA = "lightning_saferl.data.datamodule.OfflineDataModule"
@@ -113,6 +113,8 @@ class SafeRLCLI(LightningCLI):
         # a dataset file given by the user is read and validated now, before any logger or checkpoint writes
         if self.subcommand is not None and getattr(self.datamodule, "path", None) is not None:
             self.datamodule.load()
+        if self.subcommand == "fit" and isinstance(self.model, SafeRLModule):
+            self.model.check_settings()
         ckpt_path, obs_dim, act_dim = getattr(self, "_checkpoint_dims", (None, None, None))
         data_dims = (getattr(self.datamodule, "obs_dim", None), getattr(self.datamodule, "act_dim", None))
         if ckpt_path and None not in data_dims and (obs_dim, act_dim) != data_dims:
@@ -121,6 +123,8 @@ class SafeRLCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         section = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        if self.subcommand == "fit":
+            check_training_length(section.get("trainer", {}))
         config, _ = trainer_arguments({**section.get("trainer", {}), **kwargs}, section.get("last_checkpoint"))
         return super().instantiate_trainer(**config)
 

@@ -38,7 +38,9 @@ Values are typed by the Trainer / model / OfflineDataModule signatures; the comm
 position relative to `--config`.
 
 Before anything trains, the dataset of every stage is read and validated and every stage's config is checked
-(unknown options, model init arguments, inputs), so a mistake in the last stage fails at once.
+(unknown options, model init arguments, inputs, training length, cost limits; each model is built once, its
+constructor and `SafeRLModule.check_settings` judging its values), so a mistake in the last stage fails at once.
+A `class_path` outside `TRUSTED_PACKAGES` is imported only if its module's source (read, not run) defines it.
 Each stage trains exactly as `fit --trainer.default_root_dir <run_dir>/<stage>` does (`lightning_saferl.runs`):
 logs, `config.yaml`, `run_info.json` and `checkpoints/last.ckpt` in `<run_dir>/<stage>/lightning_logs/version_N/`
 (a new N per start), and at the end `<run_dir>/<stage>/model.ckpt`. Re-running on the same run directory loads a
@@ -49,27 +51,37 @@ only for the same config, otherwise the run stops naming the changed keys, and `
 stages (and the stages that take their output) afresh. A model's acting-only settings
 (`SafeRLModule.acting_hparams`, e.g. FisorActor's candidate choice) are not part of that config: a finished stage is
 reused with the recipe's values, which are written into its model.ckpt. While it runs, a pipeline holds a lock on
-its run directory (`.pipeline.lock`): a second one on the same directory stops at once. The run directory also
+its run directory (`.pipeline.lock`): a second one on the same directory stops at once; a training stage holds
+`<stage>/.stage.lock`, so a rerun refuses while a stage worker of an ended pipeline still trains. Lock files are
+never written through a link. Stage workers end with their pipeline however it ends (SIGTERM, SIGKILL: each saves
+its last.ckpt); a pipeline stopped by SIGTERM says to rerun the same command, which resumes. The run directory also
 holds the resolved recipe (`config.yaml`), `run_info.json` (seed, package versions) and `summary.json`
 (evaluation of the final policy).
 """
 from __future__ import annotations
 
+import ast
 import contextlib
+import ctypes
+import errno
 import importlib
+import importlib.machinery
 import inspect
 import json
 import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import socket
+import stat
 import sys
+import threading
 import time
 import traceback
 from argparse import ArgumentError
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import lightning as L
 import torch
@@ -83,8 +95,9 @@ from lightning_saferl.callbacks import LastCheckpoint
 from lightning_saferl.data.datamodule import OfflineDataModule
 from lightning_saferl.errors import InputError, UnknownNameError
 from lightning_saferl.policy import load_module, read_checkpoint
-from lightning_saferl.runs import (RunRecord, atomic_write_text, config_changes, config_record, latest_checkpoint,
-                                   register_resolvers, stored_record, trainer_arguments, write_run_info)
+from lightning_saferl.runs import (RunRecord, atomic_write_text, check_training_length, config_changes, config_record,
+                                   latest_checkpoint, register_resolvers, stored_record, trainer_arguments,
+                                   write_run_info)
 
 
 SMOKE_STEPS = 5
@@ -209,16 +222,73 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
+#: packages whose modules a recipe's class_path may import directly; a module elsewhere is imported only once its
+#: source, read without running it, is seen to define the class (`_defines_class`)
+TRUSTED_PACKAGES = ("lightning_saferl", "lightning", "torch")
+
+
+def _defines_class(module_name: str, class_name: str) -> bool:
+    """Whether the source of module `module_name` binds `class_name` at its top level (a class, an assignment or an
+    import), found and read without executing the module or its packages (importlib's PathFinder, then ast)."""
+    search, spec = None, None
+    parts = module_name.split(".")
+    for depth in range(1, len(parts) + 1):
+        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:depth]), search)
+        if spec is None:
+            return False
+        search = spec.submodule_search_locations
+    if spec.origin is None or not spec.origin.endswith(".py"):
+        return False
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8", errors="replace"))
+    bound = set()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            bound |= {target.id for target in targets if isinstance(target, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return class_name in bound
+
+
+def _import_class(class_path: str, where: str) -> Any:
+    """The object `class_path` names, importing its module only when that is safe: the module is already imported,
+    lies in `TRUSTED_PACKAGES`, or its source defines the name (`_defines_class`). Else InputError, with nothing
+    imported: a recipe naming e.g. `this.Nothing` runs no module."""
+    module_name, _, class_name = class_path.rpartition(".")
+    if not module_name or not all(part.isidentifier() for part in class_path.split(".")):
+        raise InputError(f"{where}: {class_path!r} is not a dotted class path (e.g. lightning_saferl.actors.BCAll)")
+    if not (module_name in sys.modules or module_name.split(".")[0] in TRUSTED_PACKAGES
+            or _defines_class(module_name, class_name)):
+        raise InputError(f"{where}: no class '{class_name}' found in the source of module '{module_name}' (the "
+                         "module was not imported)")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise InputError(f"{where}: cannot import '{class_path}' ({_one_line(err)})") from None
+
+
+def _check_class_paths(name: str, config: Any) -> None:
+    """Every `class_path` in a stage config (model, callbacks, loggers, ...) names an existing object, found
+    without running a module that does not define it (`_import_class`); jsonargparse then checks its kind."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key == "class_path" and isinstance(value, str) and "." in value:  # a bare name: jsonargparse's lookup
+                _import_class(value, f"stage '{name}'")
+            else:
+                _check_class_paths(name, value)
+    elif isinstance(config, (list, tuple)):
+        for value in config:
+            _check_class_paths(name, value)
+
+
 def _model_class(name: str, model: dict) -> type:
     class_path = model.get("class_path")
     if not isinstance(class_path, str) or "." not in class_path:
         raise InputError(f"stage '{name}': model needs a 'class_path' (e.g. lightning_saferl.actors.BCAll), "
                          f"got {class_path!r}")
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise InputError(f"stage '{name}': cannot import model class '{class_path}' ({_one_line(err)})") from None
+    cls = _import_class(class_path, f"stage '{name}': model class")
     if not (isinstance(cls, type) and issubclass(cls, SafeRLModule)):
         raise InputError(f"stage '{name}': '{class_path}' is not a lightning_saferl module (SafeRLModule subclass)")
     return cls
@@ -246,6 +316,13 @@ def _check_stage(name: str, config: dict, earlier: list[str], overrides: list[st
     (`overrides`) are applied. Returns (model class, parsed config)."""
     args, inputs = _stage_overrides(overrides, name)
     config = {**config, "inputs": {**config["inputs"], **inputs}}
+    _check_class_paths(name, config)
+    for group in _options(args):  # a class named on the command line, before jsonargparse imports it
+        named = _option_name(group).endswith("class_path") or _option_name(group) == "--model"
+        if named and (len(group) == 2 or "=" in group[0]):
+            value = group[0].partition("=")[2] if "=" in group[0] else group[1]
+            if not value.lstrip().startswith(("{", "[")):
+                _import_class(value, f"stage '{name}': {_option_name(group)}")
     cls = _model_class(name, config["model"])
     parameters = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
@@ -288,6 +365,29 @@ def _instantiate(name: str, parsed: Namespace, cls: type, trained: dict[str, Saf
     return model, {key: init.trainer[key] for key in init.trainer.keys()}, init.data
 
 
+def _check_models(plan: "_Plan") -> None:
+    """Build every stage's model (without its inputs, which earlier stages train) and check its settings
+    (`SafeRLModule.check_settings`), so that a value its constructor or that check refuses stops the run before any
+    stage trains. Stages whose class needs an input to be built are checked when they start. Torch's random state
+    is left as it was."""
+    for name in plan.names:
+        parsed, cls = plan.parsed[name], plan.classes[name]
+        kwargs = {key: value for key, value in _plain(parsed.model.init_args).items() if key not in parsed.inputs}
+        required = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+                    if p.name in parsed.inputs and p.default is inspect.Parameter.empty]
+        if required:
+            continue
+        with torch.random.fork_rng(devices=[]):
+            try:
+                model = cls(**kwargs)
+            except ValueError as err:
+                raise InputError(f"stage '{name}': {_one_line(err)}") from err
+        try:
+            model.check_settings()
+        except InputError as err:
+            raise InputError(f"stage '{name}': {err}") from None
+
+
 def _dataset_key(data: dict) -> tuple:
     return tuple(data.get(k) for k in DATASET_KEYS)
 
@@ -319,6 +419,7 @@ class _Plan:
         dataset = checked.load()
         obs_dim, act_dim, self.task_spec = dataset.obs_dim, dataset.act_dim, checked.task_spec
         del checked, dataset  # each stage reads its own copy
+        evaluation_limits(cfg, self.task_spec)  # checked now: the summary needs them only after training
         self.run_dir = Path(cfg.run_dir or
                             f"runs/{cfg.algorithm}-{self.task_spec.task_id}-{time.strftime('%Y%m%d-%H%M%S')}")
         if not cfg.stages:
@@ -328,6 +429,7 @@ class _Plan:
         self.parsed, self.classes, self.records = {}, {}, {}
         for i, name in enumerate(self.names):
             self.classes[name], self.parsed[name] = _check_stage(name, configs[name], self.names[:i], cfg.overrides)
+            check_training_length(self.parsed[name].trainer, f"stage '{name}': ")
             inputs = {s: self.records[s]["sha256"] for s in self.parsed[name].inputs.values()}
             self.records[name] = _stage_record(self.parsed[name], cfg.seed_everything, inputs,
                                                self.classes[name].acting_hparams)
@@ -392,6 +494,7 @@ def run_pipeline(cfg: Namespace, command: Optional[list[str]] = None) -> dict[st
     """Check everything, train the stages not finished yet, evaluate the last one; returns the summary."""
     started = time.time()
     plan = _Plan(cfg)
+    _check_models(plan)
     run_dir = plan.run_dir
 
     from lightning_saferl.envs import make_env
@@ -399,15 +502,35 @@ def run_pipeline(cfg: Namespace, command: Optional[list[str]] = None) -> dict[st
     make_env(plan.task_spec.task_id).close()  # a missing simulator fails now, not after training
     run_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(run_dir):
+        _refuse_held_stages(plan)
         _refuse(plan.conflicts(), run_dir)
         return _run_locked(plan, cfg, command, started)
 
 
+def _open_lock_file(path: Path):
+    """`path` opened for reading and writing, created if missing, never through a link: a symbolic link there (or a
+    file with other hard links, or not a regular file) is refused, so a lock cannot be made to truncate another file.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        raise InputError(f"{path} is a symbolic link; a lock file is never written through a link: remove the "
+                         "link and rerun") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        raise InputError(f"{path} is not a regular file of its own ({info.st_nlink} hard links); a lock file is "
+                         "never written into another file: remove it and rerun")
+    return os.fdopen(fd, "r+")
+
+
 @contextlib.contextmanager
-def _exclusive(run_dir: Path):
-    """Hold `<run_dir>/.pipeline.lock`, an OS file lock (released when the process ends, however it ends), so that
-    two pipelines never train into one run directory; a second one stops at once naming the holder. Under DDP
-    every rank runs the pipeline: only the first process (rank 0 of node 0) takes the lock."""
+def _file_lock(path: Path, busy: Callable[[str], str]):
+    """Hold an OS file lock on `path` (released when the process ends, however it ends), writing this process into
+    it; if another process holds it, InputError(`busy(what the holder wrote)`) at once. Under DDP every rank runs
+    the pipeline: only the first process (rank 0 of node 0) takes locks. Not POSIX: no lock."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -416,14 +539,13 @@ def _exclusive(run_dir: Path):
     if fcntl is None or any(ranks):
         yield
         return
-    with open(run_dir / ".pipeline.lock", "a+") as handle:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _open_lock_file(path) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise InputError(f"{run_dir} is in use by another pipeline ({holder}); wait for it to finish or use "
-                             "another --run_dir") from None
+            raise InputError(busy(handle.read().strip() or "another process")) from None
         handle.truncate(0)
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
         handle.flush()
@@ -431,6 +553,29 @@ def _exclusive(run_dir: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _exclusive(run_dir: Path):
+    """Hold `<run_dir>/.pipeline.lock` (`_file_lock`), so that two pipelines never train into one run directory;
+    a second one stops at once naming the holder."""
+    return _file_lock(run_dir / ".pipeline.lock", lambda holder: f"{run_dir} is in use by another pipeline "
+                      f"({holder}); wait for it to finish or use another --run_dir")
+
+
+def _stage_lock(stage_dir: Path):
+    """Hold `<stage_dir>/.stage.lock` while the stage trains (in this process or a worker): a worker that outlives
+    its pipeline still holds it, and no other pipeline trains the stage meanwhile (`_refuse_held_stages`)."""
+    return _file_lock(stage_dir / ".stage.lock", lambda holder: f"stage '{stage_dir.name}' of {stage_dir.parent} is "
+                      f"still being trained by {holder}, a stage worker whose pipeline ended; wait for it to stop (it "
+                      "saves its last.ckpt) or end it, then rerun the same command")
+
+
+def _refuse_held_stages(plan: "_Plan") -> None:
+    """InputError naming the holder if a stage of the run directory is still being trained by another process."""
+    for name in plan.names:
+        if (plan.run_dir / name / ".stage.lock").exists():
+            with _stage_lock(plan.run_dir / name):
+                pass
 
 
 def _run_locked(plan: _Plan, cfg: Namespace, command: Optional[list[str]], started: float) -> dict[str, Any]:
@@ -483,30 +628,31 @@ def _train_stage(plan: _Plan, cfg: Namespace, name: str, trained: dict[str, Safe
     stages it takes inputs from, write `<run_dir>/<name>/model.ckpt` and return the model. `callbacks` join the
     recipe's for this run only (not part of the stage's config)."""
     stage_dir = plan.run_dir / name
-    final = stage_dir / "model.ckpt"
-    if name in plan.restart:
-        final.unlink(missing_ok=True)
-    last = None if name in plan.restart else latest_checkpoint(stage_dir)
-    L.seed_everything(cfg.seed_everything, workers=True)
-    model, trainer_kwargs, datamodule = _instantiate(name, plan.parsed[name], plan.classes[name], trained)
-    kwargs, log_dir = trainer_arguments({**trainer_kwargs, "default_root_dir": str(stage_dir)},
-                                        LastCheckpoint(every_n_train_steps=cfg.checkpoint_every_n_steps),
-                                        record=plan.records[name])
-    kwargs["callbacks"].append(RunRecord(log_dir, _stage_parser().dump(plan.parsed[name], skip_none=False),
-                                         cfg.seed_everything, command))
-    kwargs["callbacks"].extend(callbacks)
-    trainer = L.Trainer(**kwargs)
-    print(f"[pipeline] stage '{name}': {type(model).__name__}, max_steps={trainer.max_steps}"
-          f"{', resuming from ' + str(last) if last else ''}{', restarted' if name in plan.restart else ''}")
-    try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=last, weights_only=True)
-    except NonFiniteLossError as err:
-        err.args = (f"stage '{name}': {err.args[0]}",)
-        raise
-    tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # a kill while writing must not look finished
-    trainer.save_checkpoint(tmp, weights_only=True)
-    os.replace(tmp, final)
-    return model
+    with _stage_lock(stage_dir):  # held from before anything is written until model.ckpt is
+        final = stage_dir / "model.ckpt"
+        if name in plan.restart:
+            final.unlink(missing_ok=True)
+        last = None if name in plan.restart else latest_checkpoint(stage_dir)
+        L.seed_everything(cfg.seed_everything, workers=True)
+        model, trainer_kwargs, datamodule = _instantiate(name, plan.parsed[name], plan.classes[name], trained)
+        kwargs, log_dir = trainer_arguments({**trainer_kwargs, "default_root_dir": str(stage_dir)},
+                                            LastCheckpoint(every_n_train_steps=cfg.checkpoint_every_n_steps),
+                                            record=plan.records[name])
+        kwargs["callbacks"].append(RunRecord(log_dir, _stage_parser().dump(plan.parsed[name], skip_none=False),
+                                             cfg.seed_everything, command))
+        kwargs["callbacks"].extend(callbacks)
+        trainer = L.Trainer(**kwargs)
+        print(f"[pipeline] stage '{name}': {type(model).__name__}, max_steps={trainer.max_steps}"
+              f"{', resuming from ' + str(last) if last else ''}{', restarted' if name in plan.restart else ''}")
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=last, weights_only=True)
+        except NonFiniteLossError as err:
+            err.args = (f"stage '{name}': {err.args[0]}",)
+            raise
+        tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # a kill while writing must not look finished
+        trainer.save_checkpoint(tmp, weights_only=True)
+        os.replace(tmp, final)
+        return model
 
 
 def _stage_workers(plan: _Plan, cfg: Namespace, todo: list[str]) -> int:
@@ -537,7 +683,8 @@ def _train_in_workers(plan: _Plan, cfg: Namespace, todo: list[str], workers: int
     inputs from are finished. This process's torch threads are shared among the running workers, anew
     whenever one starts or ends (a worker takes its new share before its next batch): when FISOR's reward critic
     finishes, the feasibility critic trains on every core. The first failure stops the other workers (SIGTERM: they
-    save last.ckpt) and is raised here."""
+    save last.ckpt) and is raised here; so does a SIGTERM to this process (raised as Lightning's SIGTERMException).
+    Workers end with this process however it ends (`_end_with_parent`)."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     running: dict[str, Any] = {}
@@ -545,6 +692,7 @@ def _train_in_workers(plan: _Plan, cfg: Namespace, todo: list[str], workers: int
     budget = torch.get_num_threads()
     done, todo = {name for name in plan.names if name not in todo}, list(todo)
     try:
+        _raise_on_sigterm()
         while todo or running:
             ready = [name for name in todo if set(plan.parsed[name].inputs.values()) <= done]
             ready = ready[:workers - len(running)]
@@ -555,7 +703,7 @@ def _train_in_workers(plan: _Plan, cfg: Namespace, todo: list[str], workers: int
                 todo.remove(name)
                 shares[name] = context.Value("i", threads, lock=False)
                 running[name] = context.Process(target=_stage_worker, args=(cfg, name, command, shares[name],
-                                                                            results), name=f"stage-{name}")
+                                                                            results, os.getpid()), name=f"stage-{name}")
                 running[name].start()
             try:
                 name, error = results.get(timeout=1.0)
@@ -571,9 +719,59 @@ def _train_in_workers(plan: _Plan, cfg: Namespace, todo: list[str], workers: int
                 raise error
             done.add(name)
     finally:
+        _restore_sigterm()  # a second SIGTERM ends this process: its workers end with it (`_end_with_parent`)
         for process in running.values():
-            process.terminate()
-            process.join()
+            process.terminate()  # SIGTERM: the worker saves its last.ckpt at the end of its current step
+        for process in running.values():
+            process.join(WORKER_STOP_SECONDS)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+#: how long a stopped stage worker may take to save its last.ckpt before it is killed
+WORKER_STOP_SECONDS = 120
+_sigterm_handlers: list[Any] = []
+
+
+def _raise_on_sigterm() -> None:
+    """Until `_restore_sigterm`: SIGTERM to this process raises Lightning's SIGTERMException (the command line
+    prints how to resume), so that the pipeline's cleanup stops its workers. Only from the main thread."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SIGTERMException(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        _sigterm_handlers.append(signal.signal(signal.SIGTERM, stop))
+
+
+def _restore_sigterm() -> None:
+    if _sigterm_handlers:
+        signal.signal(signal.SIGTERM, _sigterm_handlers.pop())
+
+
+#: prctl(2) option: the signal a Linux process receives when its parent ends
+PR_SET_PDEATHSIG = 1
+
+
+def _end_with_parent(parent: int) -> None:
+    """Make this worker receive SIGTERM when its pipeline process (`parent`) ends, even by SIGKILL: Linux's
+    parent-death signal (prctl PR_SET_PDEATHSIG), elsewhere a thread that watches the parent pid each second. A
+    worker whose parent already ended stops here. SIGTERM makes a training worker save its last.ckpt and stop."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if not sys.platform.startswith("linux") or libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) is not available")
+    except (OSError, AttributeError):
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="watch-pipeline", daemon=True).start()
+    if os.getppid() != parent:
+        raise SystemExit(f"[pipeline] process {parent} ended before its stage worker {os.getpid()} started")
 
 
 class _FollowThreadShare(L.Callback):
@@ -594,9 +792,10 @@ class _FollowThreadShare(L.Callback):
             tqdm.write(f"[pipeline] stage '{self.stage}': {threads} threads from step {trainer.global_step}")
 
 
-def _stage_worker(cfg: Namespace, name: str, command: Optional[list[str]], share: Any, results) -> None:
-    """One stage in a worker process: its inputs are read from their model.ckpt; `share` holds its thread count;
-    puts (name, None or the error)."""
+def _stage_worker(cfg: Namespace, name: str, command: Optional[list[str]], share: Any, results, parent: int) -> None:
+    """One stage in a worker process of pipeline process `parent`: its inputs are read from their model.ckpt; `share`
+    holds its thread count; puts (name, None or the error). Ends with its parent (`_end_with_parent`)."""
+    _end_with_parent(parent)
     torch.set_num_threads(share.value)
     try:
         plan = _Plan(cfg)
@@ -605,7 +804,13 @@ def _stage_worker(cfg: Namespace, name: str, command: Optional[list[str]], share
                    for source in sources}
         _train_stage(plan, cfg, name, trained, command, callbacks=(_FollowThreadShare(name, share),))
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
-        traceback.print_exc()
+        if os.getppid() != parent:  # the pipeline ended (its SIGTERM stopped this worker): nobody to report to
+            saved = getattr(err, "last_checkpoint", None)
+            print(f"[pipeline] stage '{name}': stopped with its pipeline (process {parent})"
+                  + (f"; state saved to {saved}" if saved else ""), file=sys.stderr, flush=True)
+            return
+        if not isinstance(err, SystemExit):
+            traceback.print_exc()
         try:
             pickle.dumps(err)
         except Exception:  # noqa: BLE001 - an error that cannot cross processes is described instead
@@ -621,6 +826,10 @@ def apply_cost_limit(cfg: Namespace) -> None:
     fields = dict(fields) if isinstance(fields, dict) else {path: 1.0 for path in fields or []}
     if fields and cfg.cost_limit is None:
         raise InputError(f"cost_limit_fields {list(fields)} follow cost_limit, but the recipe sets no cost_limit")
+    if cfg.cost_limit is not None:
+        from lightning_saferl.evaluation import cost_limit_list
+
+        cost_limit_list(cfg.cost_limit, "cost_limit")
     for path, factor in fields.items():
         *parents, leaf = path.split(".")
         node = cfg

@@ -56,6 +56,13 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
             refused = message.split("Unsupported global:", 1)[1].split(" was not an allowed global")[0].strip()
             raise InputError(f"{path}: refused to load: the checkpoint holds {refused}, which weights_only=True "
                              "does not allow (nothing in it was executed)") from None
+        if "unsupported GLOBAL" in message:  # a global torch blocks outright: "... GLOBAL posix.system whose module"
+            refused = message.split("unsupported GLOBAL", 1)[1].split()[0]
+            raise InputError(f"{path}: refused to load: the checkpoint holds GLOBAL {refused}, an object that "
+                             "weights_only=True refuses (nothing in it was executed)") from None
+        if message.startswith("Weights only load failed"):  # another refusal by torch's restricted unpickler
+            raise InputError(f"{path}: refused to load: the checkpoint holds objects that weights_only=True "
+                             "refuses (nothing in it was executed)") from None
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}); is it truncated or a "
                          "different kind of file?") from None
     if not isinstance(checkpoint, dict):

@@ -29,9 +29,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lightning_saferl.errors import InputError
+
 __all__ = ["atomic_write_text", "write_run_record", "RunRecord", "write_run_info", "package_versions", "trainer_arguments",
            "native_bf16_cpu", "bf16_if_native_cpu", "RESOLVERS", "register_resolvers", "latest_checkpoint",
-           "config_record", "config_changes", "stored_record", "CONFIG_KEY", "RESULT_NEUTRAL_KEYS"]
+           "config_record", "config_changes", "stored_record", "CONFIG_KEY", "RESULT_NEUTRAL_KEYS",
+           "check_training_length"]
 
 #: checkpoint entry holding {"sha256": ..., "config": ...} of the config the checkpoint was trained with
 CONFIG_KEY = "lightning_saferl_config"
@@ -200,6 +203,20 @@ def trainer_arguments(config: dict, last_checkpoint: Any = None,
         config["plugins"] = [*(plugins if isinstance(plugins, (list, tuple)) else [plugins]),
                              _RecordingCheckpointIO(record)]
     return config, run_dir
+
+
+def check_training_length(trainer: dict, where: str = "") -> None:
+    """InputError for Trainer arguments that train nothing (`max_steps` or `max_epochs` 0; `max_steps` < -1) or
+    never stop (`max_steps` -1 and `max_epochs` -1 without `max_time`); `where` prefixes the message."""
+    steps, epochs = trainer.get("max_steps", -1), trainer.get("max_epochs")
+    if steps == 0 or epochs == 0:
+        raise InputError(f"{where}trainer.max_{'steps' if steps == 0 else 'epochs'} is 0: nothing would be trained; "
+                         "give a positive number")
+    if steps is not None and steps < -1:
+        raise InputError(f"{where}trainer.max_steps must be > 0 (or -1: follow max_epochs), got {steps}")
+    if steps in (-1, None) and epochs == -1 and trainer.get("max_time") is None:
+        raise InputError(f"{where}trainer.max_steps -1 with max_epochs -1 trains forever; set max_steps, max_epochs "
+                         "or max_time")
 
 
 def _canonical(obj: Any) -> str:

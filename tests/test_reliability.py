@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import h5py
@@ -74,6 +75,19 @@ def with_nonfinite(data):
     return data
 
 
+def beyond_float32(data):
+    """Finite float64 values that float32 cannot hold: they would train as inf."""
+    data = {k: v.astype(np.float64) for k, v in data.items()}
+    data["rewards"][[1, 9]] = 1e300
+    data["observations"][4, 0] = -1e39
+    return data
+
+
+def symlink(path, target):
+    path.symlink_to(target)
+    return str(path)
+
+
 def write_text(path, text):
     Path(path).write_text(text)
     return str(path)
@@ -97,6 +111,14 @@ BAD_DATASETS = [
     ("not_hdf5", lambda p: write_text(p, "observations,actions\n1,2\n"), ["not a readable HDF5 file"]),
     ("strings", lambda p: write_raw(p, {**arrays(), "rewards": np.array([b"x"] * 64)}), ["as numbers"]),
     ("does_not_exist", lambda p: str(p), ["does not exist"]),
+    ("float32_overflow", lambda p: write_raw(p, beyond_float32(arrays())),
+     ["non-finite", "rewards: 0 NaN and 0 inf value(s) and 2 finite value(s) beyond float32's range in 2 row(s), "
+      "first at row 1", "observations: 0 NaN and 0 inf value(s) and 1 finite value(s) beyond float32's range in 1 "
+      "row(s), first at row 4"]),
+    ("symlink_loop", lambda p: symlink(p, p), ["symlink loop"]),
+    ("dangling_link", lambda p: symlink(p, p.with_name("gone.hdf5")), ["is a symbolic link to", "gone.hdf5",
+                                                                       "which does not exist"]),
+    ("empty_path", lambda p: "", ["data.path is empty ('')"]),
 ]
 
 
@@ -166,6 +188,29 @@ def test_bad_dataset_fails_before_training_with_one_line(tmp_path, capsys, comma
     err = expect_error(capsys, argv)
     assert path in err and all(s in err for s in expected), err
     assert not (tmp_path / "out").exists()  # no run directory, logger or checkpoint was created
+
+
+@pytest.mark.parametrize("widen", [lambda a: a * 10,  # 10x the bounds
+                                   lambda a: np.where(a > 0, 100, -100).astype(np.int8)],  # int8 actions of +-100
+                         ids=["10x", "int8"])
+def test_actions_outside_the_bounds_are_clipped_with_one_warning(tmp_path, widen):
+    from lightning_saferl.data.datamodule import OfflineDataModule
+    from lightning_saferl.data.format import DatasetWarning
+
+    actions = widen(arrays()["actions"])
+    path = write_raw(tmp_path / "wide.hdf5", {**arrays(), "actions": actions})
+    with pytest.warns(DatasetWarning) as caught:
+        data = OfflineDataModule(path=path).load()
+    outside, low, high = int((np.abs(actions) > 1).sum()), np.float32(actions.min()), np.float32(actions.max())
+    assert 0 < outside <= actions.size
+    assert [str(w.message) for w in caught] == [
+        f"{path}: {outside} of {actions.size} action value(s) lie outside the action bounds [-1, 1] (range "
+        f"[{low:.4g}, {high:.4g}]) and are clipped to [-1, 1]; rescale the actions to [-1, 1] if the file's action "
+        "space is wider"]
+    assert data.actions.abs().max() < 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # actions within the bounds: not a word
+        OfflineDataModule(path=write_raw(tmp_path / "in_bounds.hdf5", arrays())).load()
 
 
 def test_debug_shows_the_exception_itself(tmp_path, monkeypatch):
@@ -251,6 +296,21 @@ def test_pickled_code_in_a_checkpoint_is_not_executed(tmp_path, capsys, good_fil
     assert not marker.exists()
 
 
+class _RunsAShell:
+    """Unpickling this object would call os.system, whose module torch's restricted unpickler blocks outright."""
+
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+def test_a_checkpoint_holding_a_blocked_global_is_refused_as_such(tmp_path, capsys, good_file, feasibility_ckpt):
+    evil = str(tmp_path / "evil.ckpt")
+    torch.save({**torch.load(feasibility_ckpt, weights_only=True), "payload": _RunsAShell()}, evil)
+    err = expect_error(capsys, ["test", "--ckpt_path", evil, "--data.path", good_file])
+    assert err.endswith(f"error: {evil}: refused to load: the checkpoint holds GLOBAL {os.system.__module__}.system, "
+                        "an object that weights_only=True refuses (nothing in it was executed)"), err
+
+
 # ------------------------------------------------------------------------------------------- numerical faults
 def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, capsys, good_file):
     # lr 1e12: after one Adam step every weight is ~1e12 and the next loss overflows float32
@@ -323,6 +383,24 @@ def test_sigterm_saves_state_and_the_resumed_run_matches_an_uninterrupted_one(tm
     reference = torch.load(run_dirs(tmp_path / "reference")[-1] / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 10 and resumed["OfflineDataModule"]["batches_drawn"] == 10
     assert_same_training_state(resumed, reference)
+
+
+def test_sigterm_of_a_one_stage_pipeline_says_to_rerun_the_same_command(tmp_path, helpers, good_file):
+    recipe = bc_recipe(good_file, steps=8)
+    recipe["stages"]["policy"]["trainer"] = {"callbacks": [{"class_path": "saferl_test_helpers.SignalAt",
+                                                            "init_args": {"step": 3, "signum": int(signal.SIGTERM)}}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    argv = [sys.executable, "-m", "lightning_saferl.cli", "pipeline", "--config", str(path), "--run_dir",
+            str(tmp_path / "run")]
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**helpers, "SAFERL_TEST_KILL": "1"}, timeout=300)
+    last = tmp_path / "run" / "policy" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"lightning-saferl pipeline: stopped by SIGTERM; state saved to {last} (step 3); rerun the same command to "
+        "resume")
+    proc = subprocess.run(argv, capture_output=True, text=True, env=helpers, timeout=300)  # as the message says
+    assert proc.returncode == 0 and f"resuming from {last}" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_sigkill_pipeline_resumes_skipping_finished_stages(tmp_path, helpers, good_file, capsys, monkeypatch):
@@ -425,6 +503,88 @@ def test_a_constructor_rejecting_its_configured_arguments_is_one_line(tmp_path, 
     assert "DrcorlPolicy: need cost_slack >= 0" in err
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*point_robot.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_negative_cost_limit_is_refused_before_training_by_every_recipe(tmp_path, capsys, good_file, recipe):
+    err = expect_error(capsys, ["pipeline", "--config", str(CONFIGS / recipe), "--data.path", good_file,
+                                "--run_dir", str(tmp_path / "run"), "--cost_limit", "-5"])
+    assert err.endswith("error: cost_limit: expected one or more finite cost limits >= 0, got -5.0"), err
+    assert not (tmp_path / "run").exists()
+
+
+BC_SAFE = "lightning_saferl.actors.BCSafe"
+# (case, the last stage's model class (None: BCAll), command-line arguments, the message); each is refused before
+# the first stage trains
+BAD_VALUES = [
+    ("evaluation_cost_limits", None, ["--evaluation.cost_limits", "[10, -1]"],
+     "evaluation.cost_limits: expected one or more finite cost limits >= 0, got [10.0, -1.0]"),
+    ("stage_cost_limit", BC_SAFE, ["--stages.policy.model.init_args.cost_limit", "-5"],
+     "stage 'policy': BCSafe: cost_limit must be a finite cost budget >= 0, got -5.0"),
+    ("target_cost", "lightning_saferl.actors.CDT", ["--stages.policy.model.init_args.target_cost", "-1",
+                                                    "--data.sequence_length", "4"],
+     "stage 'policy': CDT: target_cost must be a finite cost budget >= 0, got -1.0"),
+    ("lr", None, ["--stages.policy.model.init_args.lr", "-1"], "stage 'policy': BCAll: lr must be > 0, got -1.0"),
+    ("actor_lr", "lightning_saferl.actors.CPQ", ["--stages.policy.model.init_args.actor_lr", "0"],
+     "stage 'policy': CPQ: actor_lr must be > 0, got 0.0"),
+    ("constructor", "lightning_saferl.actors.DrcorlPolicy", ["--stages.policy.model.init_args.cost_slack", "-1"],
+     "stage 'policy': DrcorlPolicy: need cost_slack >= 0"),
+    ("max_steps_0", None, ["--stages.policy.trainer.max_steps", "0"],
+     "stage 'policy': trainer.max_steps is 0: nothing would be trained; give a positive number"),
+    ("max_epochs_0", None, ["--stages.policy.trainer.max_steps", "-1", "--stages.policy.trainer.max_epochs", "0"],
+     "stage 'policy': trainer.max_epochs is 0: nothing would be trained; give a positive number"),
+    ("forever", None, ["--stages.policy.trainer.max_steps", "-1", "--stages.policy.trainer.max_epochs", "-1"],
+     "stage 'policy': trainer.max_steps -1 with max_epochs -1 trains forever; set max_steps, max_epochs or max_time"),
+    ("max_steps_-2", None, ["--stages.policy.trainer.max_steps", "-2"],
+     "stage 'policy': trainer.max_steps must be > 0 (or -1: follow max_epochs), got -2"),
+]
+
+
+@pytest.mark.parametrize("case, model, argv, expected", BAD_VALUES, ids=[c[0] for c in BAD_VALUES])
+def test_values_refused_later_are_refused_before_training(tmp_path, capsys, good_file, case, model, argv, expected):
+    recipe = bc_recipe(good_file)
+    recipe["stages"] = {"critic": {"model": {"class_path": "lightning_saferl.critics.RewardCritic",
+                                             "init_args": {"hidden_dims": [4]}}}, **recipe["stages"]}
+    if model is not None:
+        recipe["stages"]["policy"]["model"] = {"class_path": model, "init_args": {}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    err = expect_error(capsys, ["pipeline", "--config", str(path), "--run_dir", str(tmp_path / "run"), *argv])
+    assert f"error: {expected}" in err, err
+    assert not (tmp_path / "run").exists()  # not even the first stage started
+
+
+def test_fit_refuses_the_same_values_before_training(tmp_path, capsys, good_file):
+    base = ["fit", "--model", BC, "--data.path", good_file, "--trainer.default_root_dir", str(tmp_path / "out")]
+    err = expect_error(capsys, [*base, "--model.lr", "-1"])
+    assert err.endswith("error: BCAll: lr must be > 0, got -1.0"), err
+    err = expect_error(capsys, [*base, "--trainer.max_steps", "0"])
+    assert err.endswith("error: trainer.max_steps is 0: nothing would be trained; give a positive number"), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["model", "callback", "command_line"])
+def test_a_class_path_outside_the_project_runs_no_module_that_lacks_it(tmp_path, capsys, good_file, where):
+    """`this` prints the Zen of Python when imported: a recipe naming `this.Nothing` must not import it."""
+    assert "this" not in sys.modules
+    recipe = bc_recipe(good_file)
+    policy = recipe["stages"]["policy"]
+    argv = []
+    if where == "model":
+        policy["model"]["class_path"] = "this.Nothing"
+    elif where == "callback":
+        policy["trainer"] = {"callbacks": [{"class_path": "this.Nothing"}]}
+    else:
+        argv = ["--stages.policy.model.class_path", "this.Nothing"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    err = expect_error(capsys, ["pipeline", "--config", str(path), "--run_dir", str(tmp_path / "run"), *argv])
+    assert "no class 'Nothing' found in the source of module 'this' (the module was not imported)" in err, err
+    assert "this" not in sys.modules and "Beautiful is better than ugly" not in capsys.readouterr().out
+
+
 def test_help_does_not_import_lightning():
     code = ("import sys; from lightning_saferl.cli import main; main(['--help']); "
             "print('LOADED' if 'lightning' in sys.modules else 'NOT LOADED')")
@@ -468,3 +628,153 @@ def test_fit_on_a_dsrl_task_not_cached_downloads_before_building_the_model(tmp_p
     hparams = torch.load(run_dirs(tmp_path / "out")[-1] / "checkpoints" / "last.ckpt",
                          weights_only=True)["hyper_parameters"]
     assert fetched and (hparams["obs_dim"], hparams["act_dim"]) == (7, 3)
+
+
+# ------------------------------------------------------------------------------------------- stage workers
+def parallel_recipe(data_path, critic_steps):
+    """Two critics that train at once in stage workers (--parallel_stages 2), then an actor fed by both."""
+    critic = {"init_args": {"hidden_dims": [4]}}
+    return {"algorithm": "fisor", "data": {"path": data_path, "batch_size": 8, "steps_per_epoch": 50},
+            "trainer": {"max_steps": critic_steps, "log_every_n_steps": 50, **QUIET},
+            "checkpoint_every_n_steps": 10 ** 6, "parallel_stages": 2,
+            "stages": {
+                "feasibility_critic": {"model": {"class_path": "lightning_saferl.critics.FeasibilityCritic", **critic}},
+                "reward_critic": {"model": {"class_path": "lightning_saferl.critics.RewardCritic", **critic}},
+                "actor": {"model": {"class_path": "lightning_saferl.actors.FisorActor",
+                                    "init_args": {"hidden_dim": 8, "num_blocks": 1, "num_candidates": 2}},
+                          "trainer": {"max_steps": 2},
+                          "inputs": {"feasibility_critic": "feasibility_critic", "reward_critic": "reward_critic"}}},
+            "evaluation": {"episodes": 1, "num_envs": 1}}
+
+
+def alive(pid):
+    """Whether process `pid` still runs (a zombie waiting for its parent to reap it counts as ended)."""
+    try:
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:3] + " "
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(condition, seconds, what):
+    import time
+
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"gave up after {seconds} s waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_killing_a_pipeline_ends_its_stage_workers(tmp_path, good_file, signum):
+    """However the pipeline process ends, its stage workers stop too (each saving its last.ckpt), not training on
+    with parent 1; SIGTERM says how to resume."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(parallel_recipe(good_file, critic_steps=10 ** 7), sort_keys=False))
+    run, log = tmp_path / "run", tmp_path / "out.txt"
+    with open(log, "w") as out:
+        pipeline = subprocess.Popen([sys.executable, "-m", "lightning_saferl.cli", "pipeline", "--config",
+                                     str(recipe), "--run_dir", str(run)], stdout=out, stderr=subprocess.PIPE,
+                                    text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    try:
+        def worker_pids():
+            return [int(line.rsplit(" ", 1)[1]) for line in log.read_text().splitlines()
+                    if "threads in process" in line]
+
+        wait_until(lambda: len(worker_pids()) == 2 or pipeline.poll() is not None, 240, "two stage workers")
+        workers = worker_pids()
+        assert len(workers) == 2 and pipeline.pid not in workers, log.read_text()[-2000:]
+        wait_until(lambda: list(run.glob("*/lightning_logs/version_0/metrics.csv")), 120, "training")
+        pipeline.send_signal(signum)
+        err = pipeline.communicate(timeout=180)[1]
+        wait_until(lambda: not any(alive(pid) for pid in workers), 120, "the workers to end")
+    finally:
+        pipeline.kill()
+    for stage in ("feasibility_critic", "reward_critic"):  # stopped by SIGTERM: state saved (not the periodic one)
+        assert torch.load(run / stage / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
+                          weights_only=True)["global_step"] > 0
+    if signum == signal.SIGTERM:
+        assert pipeline.returncode == 143, err[-2000:]
+        assert err.strip().splitlines()[-1] == \
+            "lightning-saferl pipeline: stopped by SIGTERM; rerun the same command to resume"
+
+
+HOLD_STAGE = """
+import sys, time
+from pathlib import Path
+from lightning_saferl.pipeline import _stage_lock
+with _stage_lock(Path(sys.argv[1])):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file locks")
+def test_a_rerun_cannot_start_while_an_orphaned_worker_holds_a_stage(tmp_path, capsys, good_file):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(parallel_recipe(good_file, critic_steps=2), sort_keys=False))
+    run = tmp_path / "run"
+    argv = ["pipeline", "--config", str(recipe), "--run_dir", str(run), "--parallel_stages", "1"]
+    orphan = subprocess.Popen([sys.executable, "-c", HOLD_STAGE, str(run / "reward_critic")], stdout=subprocess.PIPE,
+                              text=True)  # a stage worker training on after its pipeline ended
+    try:
+        assert orphan.stdout.readline().strip() == "holding"
+        err = expect_error(capsys, argv)
+        assert err.endswith(f"error: stage 'reward_critic' of {run} is still being trained by pid {orphan.pid} on "
+                            f"{os.uname().nodename}, a stage worker whose pipeline ended; wait for it to stop (it "
+                            "saves its last.ckpt) or end it, then rerun the same command"), err
+        assert not list(run.glob("*/lightning_logs"))  # nothing trained
+    finally:
+        orphan.kill()
+        orphan.wait()
+    main(argv)  # the stage is free: the same command goes ahead
+    assert (run / "actor" / "model.ckpt").exists()
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_the_lock_never_writes_through_a_link(tmp_path, capsys, good_file, link):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("not a lock")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".pipeline.lock").symlink_to(precious) if link == "symlink" else os.link(precious, run / ".pipeline.lock")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(bc_recipe(good_file), sort_keys=False))
+    err = expect_error(capsys, ["pipeline", "--config", str(recipe), "--run_dir", str(run)])
+    lock = run / ".pipeline.lock"
+    assert err.endswith(f"error: {lock} is a symbolic link; a lock file is never written through a link: remove the "
+                        "link and rerun" if link == "symlink" else
+                        f"error: {lock} is not a regular file of its own (2 hard links); a lock file is never written "
+                        "into another file: remove it and rerun"), err
+    assert precious.read_text() == "not a lock" and not (run / "policy").exists()
+
+
+# ------------------------------------------------------------------------------------------- declared dependencies
+def test_every_benchmark_import_is_declared_in_the_dev_and_bench_extras():
+    """`pip install -e ".[dev]"` (or ".[bench]") installs whatever a benchmark imports."""
+    import ast
+    import importlib.metadata as md
+    import re
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {re.split(r"[\[<>=~!; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+    distributions = md.packages_distributions()
+    imported = set()
+    for script in (root / "benchmarks").glob("*.py"):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "lightning_saferl"}
+    assert {"torch", "scipy", "ray"} <= third_party
+    for extra in ("dev", "bench"):
+        declared = names(project["dependencies"]) | names(project["optional-dependencies"][extra])
+        missing = {m for m in third_party
+                   if not names(distributions.get(m, [m])) & declared}
+        assert not missing, f"benchmarks import {sorted(missing)}, which neither the dependencies nor [{extra}] install"

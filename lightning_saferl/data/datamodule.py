@@ -148,6 +148,8 @@ class OfflineDataModule(pl.LightningDataModule):
         if batch_size < 1 or steps_per_epoch < 1 or num_transitions < 1:
             raise InputError(f"batch_size, steps_per_epoch and num_transitions must be >= 1, got {batch_size}, "
                              f"{steps_per_epoch}, {num_transitions}")
+        if path is not None and not str(path).strip():
+            raise InputError(f"data.path is empty ({path!r}): give a dataset file, or null for the task's own data")
         if sequence_length is not None and sequence_length < 1:
             raise InputError(f"data.sequence_length must be >= 1 (or null for transitions), got {sequence_length}")
         if not 0 <= int(seed) < _SEED_RANGE:

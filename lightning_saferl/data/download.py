@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Union
 
-from lightning_saferl.data.format import DatasetError
+from lightning_saferl.data.format import DatasetError, check_file
 from lightning_saferl.data.tasks import DSRL_URL_BASE, TaskSpec
 
 __all__ = ["dsrl_dataset_dir", "resolve_dataset", "download_file", "mirror_base", "dataset_url", "HF_DSRL_REPO"]
@@ -209,11 +209,7 @@ def resolve_dataset(task_spec: TaskSpec, path: Optional[Union[str, os.PathLike]]
     file on ``mirror``, see `mirror_base`).
     """
     if path is not None:
-        path = Path(path).expanduser()
-        if not path.exists():
-            raise DatasetError(f"{path}: dataset file does not exist (given explicitly for task "
-                               f"{task_spec.task_id!r})")
-        return path
+        return check_file(path)
     if task_spec.dataset_file is None:
         raise DatasetError(f"task {task_spec.task_id!r} has no published dataset file; pass a dataset path")
     cached = dsrl_dataset_dir() / task_spec.dataset_file

@@ -6,12 +6,17 @@ A DSRL file is a flat HDF5 file with one dataset per key, all of the same length
     rewards (N,)   costs (N,)   terminals (N,)   timeouts (N,)   [constraint_values (N,)]
 
 Conventions: ``done = terminals OR timeouts``, ``mask = 1 - done``, actions are clipped to
-``±(1 - 1e-5)`` on read (keeps ``atanh`` and diffusion targets finite).
+``±(1 - 1e-5)`` on read (keeps ``atanh`` and diffusion targets finite). Actions outside [-1, 1] (the action space
+every policy acts in) are clipped too, with one warning naming the file, the count and the range: rescale them
+if the file's action space is wider. Values are checked after the cast to float32 (and the reward scaling), so
+a float64 value beyond float32's range is refused like a NaN, before training.
 Files are read with h5py only (no pickle).
 """
 from __future__ import annotations
 
+import errno
 import os
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -25,7 +30,7 @@ from lightning_saferl.errors import InputError
 __all__ = [
     "OBSERVATIONS", "NEXT_OBSERVATIONS", "ACTIONS", "REWARDS", "COSTS", "TERMINALS", "TIMEOUTS",
     "CONSTRAINT_VALUES", "REQUIRED_KEYS", "OPTIONAL_KEYS", "ACTION_BOUND",
-    "DatasetError", "Transitions", "read_dataset", "read_dims", "write_dataset", "validate_arrays",
+    "DatasetError", "DatasetWarning", "Transitions", "check_file", "read_dataset", "read_dims", "write_dataset", "validate_arrays",
 ]
 
 OBSERVATIONS = "observations"
@@ -49,6 +54,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 class DatasetError(InputError):
     """A dataset file is missing, unreadable or malformed. The message starts with the file path."""
+
+
+class DatasetWarning(UserWarning):
+    """A dataset value changed on read (actions clipped into the action bounds). The message starts with the path."""
 
 
 @dataclass
@@ -185,23 +194,57 @@ def validate_arrays(arrays: Mapping[str, np.ndarray], source: Any, obs_dim: Opti
         a = np.asarray(arrays[k])
         if not np.issubdtype(a.dtype, np.floating):
             continue
-        finite = np.isfinite(a).reshape(len(a), -1).all(axis=1)
-        if not finite.all():
-            rows = np.flatnonzero(~finite)
-            n_nan = int(np.isnan(a).sum())
-            n_inf = int(np.isinf(a).sum())
-            bad.append(f"{k}: {n_nan} NaN and {n_inf} inf value(s) in {len(rows)} row(s), first at row {rows[0]}")
+        bad += _nonfinite(k, a)
     if bad:
         raise _fail(source, "non-finite values: " + "; ".join(bad))
 
 
-def _check_path(path: Path) -> None:
-    if not path.exists():
-        raise _fail(path, "dataset file does not exist")
+def _nonfinite(key: str, a: np.ndarray, scale: float = 1.0) -> list[str]:
+    """[a description of `key`'s NaN / inf values once cast to float32 and multiplied by `scale`], or []: a finite
+    value beyond float32's range (+-3.4e38) counts as inf, since training would see it so."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = a.astype(np.float32) * np.float32(scale)
+    finite = np.isfinite(cast).reshape(len(cast), -1).all(axis=1)
+    if finite.all():
+        return []
+    rows = np.flatnonzero(~finite)
+    n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+    overflow = int((~np.isfinite(cast)).sum()) - n_nan - n_inf
+    scaled = f" (times the reward scale {scale:g})" if scale != 1.0 else ""
+    beyond = f" and {overflow} finite value(s) beyond float32's range{scaled}" if overflow else ""
+    return [f"{key}: {n_nan} NaN and {n_inf} inf value(s){beyond} in {len(rows)} row(s), first at row {rows[0]}"]
+
+
+def _clip_actions(actions: np.ndarray, source: Any) -> np.ndarray:
+    """Actions clipped to +-ACTION_BOUND; one DatasetWarning when some lie outside [-1, 1]."""
+    outside = np.abs(actions) > 1.0
+    if outside.any():
+        warnings.warn(f"{source}: {int(outside.sum())} of {actions.size} action value(s) lie outside the action "
+                      f"bounds [-1, 1] (range [{actions.min():.4g}, {actions.max():.4g}]) and are clipped to "
+                      "[-1, 1]; rescale the actions to [-1, 1] if the file's action space is wider",
+                      DatasetWarning, stacklevel=3)
+    return np.clip(actions, -ACTION_BOUND, ACTION_BOUND)
+
+
+def check_file(path: Union[str, os.PathLike], what: str = "dataset file") -> Path:
+    """`path` as a Path once it names an existing, non-empty regular file; else DatasetError saying what is wrong
+    (empty path, symlink loop, dangling link, missing, directory, 0 bytes)."""
+    if not str(path).strip():
+        raise DatasetError(f"{what} path is empty ({str(path)!r}); give the path of the file")
+    path = Path(path).expanduser()
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise _fail(path, "symlink loop: its symbolic links lead back to themselves; point it at the file") from None
+        if path.is_symlink():
+            raise _fail(path, f"{what} is a symbolic link to {os.readlink(path)}, which does not exist") from None
+        raise _fail(path, f"{what} does not exist") from None
     if path.is_dir():
-        raise _fail(path, "is a directory, not a dataset file")
+        raise _fail(path, f"is a directory, not a {what}")
     if path.stat().st_size == 0:
         raise _fail(path, "empty file (0 bytes); a failed or interrupted download?")
+    return path
 
 
 def _not_hdf5(path: Path, e: OSError) -> DatasetError:
@@ -210,8 +253,7 @@ def _not_hdf5(path: Path, e: OSError) -> DatasetError:
 
 def read_dims(path: PathLike) -> tuple[int, int]:
     """(obs_dim, act_dim) from the shapes stored in a DSRL file, without reading the data."""
-    path = Path(path)
-    _check_path(path)
+    path = check_file(path)
     try:
         with h5py.File(path, "r") as f:
             shapes = {k: f[k].shape for k in (OBSERVATIONS, ACTIONS) if isinstance(f.get(k), h5py.Dataset)}
@@ -232,8 +274,7 @@ def read_dataset(path: PathLike, obs_dim: Optional[int] = None, act_dim: Optiona
 
     ``obs_dim``/``act_dim``, when given, must match the file's shapes. Every problem raises DatasetError.
     """
-    path = Path(path)
-    _check_path(path)
+    path = check_file(path)
     arrays: dict[str, np.ndarray] = {}
     try:
         with h5py.File(path, "r") as f:
@@ -252,11 +293,14 @@ def read_dataset(path: PathLike, obs_dim: Optional[int] = None, act_dim: Optiona
         missing = [k for k in REQUIRED_KEYS if k not in arrays]
         raise _fail(path, f"missing key(s) {', '.join(repr(k) for k in missing)}; keys found: {sorted(found)}")
     validate_arrays(arrays, path, obs_dim, act_dim)
+    scaled = _nonfinite(REWARDS, np.asarray(arrays[REWARDS]), float(reward_scale))
+    if scaled:
+        raise _fail(path, "non-finite values: " + scaled[0])
 
     def f32(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
-    actions = np.clip(np.asarray(arrays[ACTIONS], dtype=np.float32), -ACTION_BOUND, ACTION_BOUND)
+    actions = _clip_actions(np.asarray(arrays[ACTIONS], dtype=np.float32), path)
     return Transitions(
         observations=f32(arrays[OBSERVATIONS]),
         actions=f32(actions),
