@@ -99,7 +99,8 @@ def _synthetic_episodes(seed=0):
     spread_c, spread_r = rng.uniform(0, 120, 600), rng.uniform(0, 500, 600)
     costs, returns = np.r_[blob_c, spread_c], np.r_[blob_r, spread_r]
     returns += costs * 3  # more cost buys more return
-    return returns, costs
+    # a staircase of 15 frontier episodes, all in one cell (cheapest, best): more than a cell's cap
+    return np.r_[returns, 1000 + np.arange(15.0)], np.r_[costs, 0.1 * np.arange(15.0)]
 
 
 def _cells(returns, costs, max_cost, bins=20):
@@ -124,9 +125,11 @@ def test_density_filter_covers_the_plane_evenly_and_keeps_extremes():
     before = np.bincount(cells[eligible], minlength=400)
     after = np.bincount(cells[kept], minlength=400)
     occupied = before > 0
-    # every occupied cell of the plane stays occupied, and no cell holds much more than an even share
+    # every occupied cell of the plane stays occupied, and besides the frontier no cell holds more than an even
+    # share (the dense blob is thinned tenfold)
     assert (after[occupied] > 0).all()
-    assert after.max() <= 2 * 400 / occupied.sum() + 2 and before.max() > 10 * after.max()
+    sampled = np.bincount(cells[np.setdiff1d(kept, frontier)], minlength=400)
+    assert sampled.max() <= 2 * 400 / occupied.sum() + 2 and before.max() > 10 * sampled.max()
     assert np.array_equal(kept, density_filter(returns, costs, episodes=400, max_cost=max_cost, seed=1))
 
 
@@ -156,16 +159,16 @@ def _episodes_to_arrays(episodes):
 
 
 def test_card_fields_on_a_synthetic_dataset():
-    arrays = _episodes_to_arrays([(5, 1.0, 0.0), (5, 4.0, 3.0), (5, 10.0, 12.0), (4, 2.0, 0.5)])
-    # episode (return, cost): (5, 0), (20, 15), (50, 60), (8, 2)
+    arrays = _episodes_to_arrays([(5, 1.0, 0.0), (5, 4.0, 3.0), (5, 10.0, 12.0), (4, 2.0, 0.5), (5, 6.0, 4.0)])
+    # episode (return, cost): (5, 0), (20, 15), (50, 60), (8, 2), (30, 20): a limit counts as within
     spec = get_task(TASK)
     card = dataset_card(arrays, spec, sha256="ab", minutes=1.234, extra={"thresholds": [0, "inf"]})
-    assert card["task"] == TASK and card["episodes"] == 4 and card["transitions"] == 19
+    assert card["task"] == TASK and card["episodes"] == 5 and card["transitions"] == 24
     assert (card["episode_cost_min"], card["episode_cost_max"], card["episode_return_max"]) == (0.0, 60.0, 50.0)
-    assert card["best_return_at_cost"] == {"10": 8.0, "20": 20.0, "40": 20.0}
-    assert card["best_normalized_return_at_cost"]["20"] == pytest.approx(spec.normalized_return(20.0))
+    assert card["best_return_at_cost"] == {"10": 8.0, "20": 30.0, "40": 30.0}
+    assert card["best_normalized_return_at_cost"]["20"] == pytest.approx(spec.normalized_return(30.0))
     assert card["max_episode_cost_ref"] == 80.0 and card["minutes"] == 1.23 and card["sha256"] == "ab"
-    assert card["cost_quantiles"]["0.5"] == pytest.approx(8.5) and card["return_quantiles"]["1"] == 50.0
+    assert card["cost_quantiles"]["0.5"] == 15.0 and card["return_quantiles"]["1"] == 50.0
     assert card["thresholds"] == [0, "inf"]
 
 
@@ -218,6 +221,12 @@ def test_tiny_build_writes_a_dsrl_file_the_datamodule_loads(tiny_build):
     card_file = json.loads(path.with_suffix(".card.json").read_text())
     assert card_file["sha256"] == card["sha256"] and path.with_suffix(".png").stat().st_size > 0
     assert [a["recorded_episodes"] for a in card_file["agents"]] == [4, 4]  # 2 chunks x 2 envs x 1 episode
+    # training carries over chunks: Adam counted 2 chunks x 2 updates x 10 epochs x 1 minibatch
+    state = torch.load(path.parent / "agent_01" / "state.pt", weights_only=True)
+    assert state["chunks_done"] == 2 and int(state["agent"]["actor_opt"]["state"][0]["step"]) == 40
+    # each chunk resets its simulators with its own seeds
+    starts = [np.load(path.parent / "agent_00" / f"chunk_{c:04d}.npz")["observations"][0] for c in (0, 1)]
+    assert not np.array_equal(*starts)
 
     from lightning_saferl.data import OfflineDataModule
 
@@ -244,7 +253,9 @@ def test_interrupted_build_resumes_to_the_same_file(tiny_build, tmp_path):
     parts = tmp_path / "parts"
     assert build_main([*TINY, "--out", str(parts), "--max_chunks", "1"]) is None  # interrupted after one chunk
     assert not (parts / f"{TASK}.hdf5").exists() and (parts / "agent_00" / "chunk_0000.npz").exists()
+    first_chunk = (parts / "agent_00" / "chunk_0000.npz").stat().st_mtime_ns
     resumed = build_main([*TINY, "--out", str(parts)])  # the same command again, in one process
+    assert (parts / "agent_00" / "chunk_0000.npz").stat().st_mtime_ns == first_chunk  # not run again
     again, data = _arrays(parts / f"{TASK}.hdf5"), _arrays(path)
     for key in REQUIRED_KEYS:
         np.testing.assert_array_equal(again[key], data[key], err_msg=key)
