@@ -410,18 +410,35 @@ def _record_wall_seconds(out: Path, seconds: float) -> None:
     path.write_text(json.dumps(stored, indent=1))
 
 
-def _load_episodes(out: Path, settings: BuildSettings) -> tuple[list[dict[str, np.ndarray]], list[int], float]:
-    """All recorded episodes (agent by agent, chunk by chunk), their agents, and the chunks' summed seconds."""
-    episodes, agents, seconds = [], [], 0.0
+def _episode_table(out: Path, settings: BuildSettings) -> tuple[np.ndarray, float]:
+    """One row per recorded episode, agent by agent and chunk by chunk: (agent, chunk, first row, end row,
+    return, cost); and the chunks' summed seconds. Reads only rewards and costs."""
+    table, seconds = [], 0.0
     for a in range(len(settings.thresholds)):
         for c in range(settings.chunks_per_agent):
             with np.load(_chunk_path(out, a, c)) as chunk:
                 seconds += float(chunk["seconds"])
                 ends = np.cumsum(chunk["lengths"])
-                for start, end in zip(np.r_[0, ends[:-1]], ends):
-                    episodes.append({k: chunk[k][start:end] for k in REQUIRED_KEYS})
-                    agents.append(a)
-    return episodes, agents, seconds
+                if len(ends) == 0:
+                    continue
+                starts = ends - chunk["lengths"]
+                sums = [np.add.reduceat(chunk[k].astype(np.float64), starts) for k in ("rewards", "costs")]
+                table.append(np.column_stack([np.full(len(ends), a), np.full(len(ends), c), starts, ends, *sums]))
+    return (np.concatenate(table) if table else np.zeros((0, 6))), seconds
+
+
+def _gather(out: Path, table: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The DSRL arrays of the episodes ``table[rows]``, in table order (one chunk file open at a time)."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in REQUIRED_KEYS}
+    chunks = table[rows, :2].astype(np.int64)
+    for a, c in np.unique(chunks, axis=0):
+        with np.load(_chunk_path(out, int(a), int(c))) as chunk:
+            data = {k: chunk[k] for k in REQUIRED_KEYS}
+        for i in rows[(chunks[:, 0] == a) & (chunks[:, 1] == c)]:
+            start, end = int(table[i, 2]), int(table[i, 3])
+            for k in REQUIRED_KEYS:
+                parts[k].append(data[k][start:end])
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def build_dataset(settings: BuildSettings, out: str | Path, workers: int = 1, progress: bool = True,
@@ -438,30 +455,29 @@ def build_dataset(settings: BuildSettings, out: str | Path, workers: int = 1, pr
         _record_wall_seconds(out, wall_before + time.perf_counter() - start)
     if not complete:
         return None
-    episodes, agents, core_seconds = _load_episodes(out, settings)
-    if not episodes:
+    table, core_seconds = _episode_table(out, settings)
+    if not len(table):
         raise InputError(f"{out}: the agents recorded no finished episode; raise --steps_per_agent or --horizon")
-    sums = np.array([(ep["rewards"].sum(dtype=np.float64), ep["costs"].sum(dtype=np.float64)) for ep in episodes])
-    keep = density_filter(sums[:, 0], sums[:, 1], settings.episodes, settings.max_cost, settings.cost_bins,
+    returns, costs, agents = table[:, 4], table[:, 5], table[:, 0].astype(np.int64)
+    keep = density_filter(returns, costs, settings.episodes, settings.max_cost, settings.cost_bins,
                           settings.return_bins, settings.seed)
     if len(keep) == 0:
         raise InputError(f"{out}: no recorded episode has cost <= max_cost={settings.max_cost}")
-    arrays = {k: np.concatenate([episodes[i][k] for i in keep]) for k in REQUIRED_KEYS}
+    arrays = _gather(out, table, keep)
     path = write_dataset(out / f"{settings.task}.hdf5", arrays,
                          attrs={"task_id": settings.task, "seed": settings.seed, "builder": "build-dataset"})
-    kept_agents = np.asarray(agents)[keep]
     agent_rows = []
     for a, threshold in enumerate(settings.thresholds):
-        mine = [i for i, owner in enumerate(agents) if owner == a]
-        last = mine[-max(1, settings.num_envs):]  # the agent's final episodes: what it learned
+        mine = np.flatnonzero(agents == a)
+        last = mine[-settings.num_envs:]  # the agent's final episodes: what it learned
         agent_rows.append({"threshold": threshold if math.isfinite(threshold) else "inf",
-                           "recorded_episodes": len(mine), "kept_episodes": int((kept_agents == a).sum()),
-                           "final_return": float(sums[last, 0].mean()) if mine else None,
-                           "final_cost": float(sums[last, 1].mean()) if mine else None})
+                           "recorded_episodes": len(mine), "kept_episodes": int((agents[keep] == a).sum()),
+                           "final_return": float(returns[last].mean()) if len(mine) else None,
+                           "final_cost": float(costs[last].mean()) if len(mine) else None})
     wall_minutes = (wall_before + time.perf_counter() - start) / 60
     card = dataset_card(arrays, spec, _sha256(path), wall_minutes, extra={
         "core_minutes": round(core_seconds / 60, 2), "workers": workers,
-        "recorded_episodes": len(episodes), "agent": "PPO-Lagrangian (lightning_saferl.data.ppo_lagrangian)",
+        "recorded_episodes": len(table), "agent": "PPO-Lagrangian (lightning_saferl.data.ppo_lagrangian)",
         "agents": agent_rows, "thresholds": [row["threshold"] for row in agent_rows],
         "settings": settings.to_json()})
     (out / f"{settings.task}.card.json").write_text(json.dumps(card, indent=1))
@@ -505,7 +521,7 @@ def build_main(argv: Optional[list[str]] = None) -> Optional[dict]:
                                                  "(rerun the same command to resume).")
     parser.add_argument("--task", required=True, help="DSRL task id, e.g. OfflineBallCircle-v0")
     parser.add_argument("--out", required=True, help="build directory (agents' chunks, the file, its card)")
-    parser.add_argument("--steps_per_agent", "--steps-per-agent", type=int, default=300_000,
+    parser.add_argument("--steps_per_agent", "--steps-per-agent", type=int, default=1_000_000,
                         help="env steps each agent trains for (default: %(default)s)")
     parser.add_argument("--thresholds", nargs="+", default=None,
                         help="episode-cost thresholds, 'inf' for an unconstrained agent (default: "
