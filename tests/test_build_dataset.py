@@ -253,12 +253,16 @@ def test_interrupted_build_resumes_to_the_same_file(tiny_build, tmp_path):
     parts = tmp_path / "parts"
     assert build_main([*TINY, "--out", str(parts), "--max_chunks", "1"]) is None  # interrupted after one chunk
     assert not (parts / f"{TASK}.hdf5").exists() and (parts / "agent_00" / "chunk_0000.npz").exists()
+    sofar = build_main([*TINY, "--out", str(parts), "--partial"])  # the one finished chunk, nothing trained
+    assert sofar["partial"] and [a["chunks"] for a in sofar["agents"]] == [1, 0]
+    assert sofar["episodes"] == 2 and (parts / f"{TASK}.partial.hdf5").exists()
+    assert not (parts / "agent_01").exists()
     first_chunk = (parts / "agent_00" / "chunk_0000.npz").stat().st_mtime_ns
     resumed = build_main([*TINY, "--out", str(parts)])  # the same command again, in one process
     assert (parts / "agent_00" / "chunk_0000.npz").stat().st_mtime_ns == first_chunk  # not run again
     again, data = _arrays(parts / f"{TASK}.hdf5"), _arrays(path)
     for key in REQUIRED_KEYS:
         np.testing.assert_array_equal(again[key], data[key], err_msg=key)
-    assert resumed["best_return_at_cost"] == card["best_return_at_cost"]
+    assert resumed["best_return_at_cost"] == card["best_return_at_cost"] and not resumed["partial"]
     with pytest.raises(InputError, match="started with seed=3"):
         build_main([*TINY[:-3], "--seed", "4", "--no_progress", "--out", str(parts)])

@@ -21,7 +21,8 @@ random), with ``cap`` the smallest cap that reaches ``episodes`` kept; the rewar
 has cost <= and a higher return) and the extremes (least and most cost, most return) are always kept.
 
 Outputs in DIR: ``<task>.hdf5`` (DSRL keys, `write_dataset`), ``<task>.card.json`` (`dataset_card`) and
-``<task>.png`` (the reward-cost scatter with the task family's cost limits marked).
+``<task>.png`` (the reward-cost scatter with the task family's cost limits marked). ``--partial`` writes
+``<task>.partial.*`` from the chunks finished so far (beside a running build, too) and trains nothing.
 """
 from __future__ import annotations
 
@@ -410,12 +411,13 @@ def _record_wall_seconds(out: Path, seconds: float) -> None:
     path.write_text(json.dumps(stored, indent=1))
 
 
-def _episode_table(out: Path, settings: BuildSettings) -> tuple[np.ndarray, float]:
-    """One row per recorded episode, agent by agent and chunk by chunk: (agent, chunk, first row, end row,
-    return, cost); and the chunks' summed seconds. Reads only rewards and costs."""
+def _episode_table(out: Path, chunks: list[int]) -> tuple[np.ndarray, float]:
+    """One row per episode recorded in the first ``chunks[a]`` chunks of each agent ``a``, agent by agent and chunk
+    by chunk: (agent, chunk, first row, end row, return, cost); and those chunks' summed seconds. Reads only
+    rewards and costs."""
     table, seconds = [], 0.0
-    for a in range(len(settings.thresholds)):
-        for c in range(settings.chunks_per_agent):
+    for a, done in enumerate(chunks):
+        for c in range(done):
             with np.load(_chunk_path(out, a, c)) as chunk:
                 seconds += float(chunk["seconds"])
                 ends = np.cumsum(chunk["lengths"])
@@ -442,20 +444,31 @@ def _gather(out: Path, table: np.ndarray, rows: np.ndarray) -> dict[str, np.ndar
 
 
 def build_dataset(settings: BuildSettings, out: str | Path, workers: int = 1, progress: bool = True,
-                  max_chunks: Optional[int] = None) -> Optional[dict]:
+                  max_chunks: Optional[int] = None, partial: bool = False) -> Optional[dict]:
     """Train, record, filter and write (module docstring). Returns the card, or None when ``max_chunks`` stopped
-    the build before every agent finished (rerun to continue)."""
+    the build before every agent finished (rerun to continue). ``partial``: train nothing; write
+    ``<task>.partial.hdf5`` (and its card and plot) from the chunks finished so far, e.g. beside a running build."""
     out = Path(out)
-    spec = get_task(settings.task)
     start = time.perf_counter()
     wall_before = _check_settings(out, settings)
+    if partial:
+        chunks = [_chunks_done(out, a) for a in range(len(settings.thresholds))]
+        return _write_outputs(out, settings, chunks, f"{settings.task}.partial", wall_before / 60, workers)
     try:
         complete = _train_agents(out, settings, workers, progress, max_chunks)
     finally:
         _record_wall_seconds(out, wall_before + time.perf_counter() - start)
     if not complete:
         return None
-    table, core_seconds = _episode_table(out, settings)
+    return _write_outputs(out, settings, [settings.chunks_per_agent] * len(settings.thresholds), settings.task,
+                          (wall_before + time.perf_counter() - start) / 60, workers)
+
+
+def _write_outputs(out: Path, settings: BuildSettings, chunks: list[int], name: str, wall_minutes: float,
+                   workers: int) -> dict:
+    """Filter the episodes of each agent's first ``chunks[agent]`` chunks; write ``name``.hdf5 / .card.json / .png
+    in ``out``; returns the card."""
+    table, core_seconds = _episode_table(out, chunks)
     if not len(table):
         raise InputError(f"{out}: the agents recorded no finished episode; raise --steps_per_agent or --horizon")
     returns, costs, agents = table[:, 4], table[:, 5], table[:, 0].astype(np.int64)
@@ -464,24 +477,25 @@ def build_dataset(settings: BuildSettings, out: str | Path, workers: int = 1, pr
     if len(keep) == 0:
         raise InputError(f"{out}: no recorded episode has cost <= max_cost={settings.max_cost}")
     arrays = _gather(out, table, keep)
-    path = write_dataset(out / f"{settings.task}.hdf5", arrays,
+    path = write_dataset(out / f"{name}.hdf5", arrays,
                          attrs={"task_id": settings.task, "seed": settings.seed, "builder": "build-dataset"})
     agent_rows = []
     for a, threshold in enumerate(settings.thresholds):
         mine = np.flatnonzero(agents == a)
         last = mine[-settings.num_envs:]  # the agent's final episodes: what it learned
-        agent_rows.append({"threshold": threshold if math.isfinite(threshold) else "inf",
+        agent_rows.append({"threshold": threshold if math.isfinite(threshold) else "inf", "chunks": chunks[a],
                            "recorded_episodes": len(mine), "kept_episodes": int((agents[keep] == a).sum()),
                            "final_return": float(returns[last].mean()) if len(mine) else None,
                            "final_cost": float(costs[last].mean()) if len(mine) else None})
-    wall_minutes = (wall_before + time.perf_counter() - start) / 60
+    spec = get_task(settings.task)
     card = dataset_card(arrays, spec, _sha256(path), wall_minutes, extra={
+        "partial": sum(chunks) < settings.chunks_per_agent * len(chunks),
         "core_minutes": round(core_seconds / 60, 2), "workers": workers,
         "recorded_episodes": len(table), "agent": "PPO-Lagrangian (lightning_saferl.data.ppo_lagrangian)",
         "agents": agent_rows, "thresholds": [row["threshold"] for row in agent_rows],
         "settings": settings.to_json()})
-    (out / f"{settings.task}.card.json").write_text(json.dumps(card, indent=1))
-    plot_scatter(arrays, spec, out / f"{settings.task}.png")
+    (out / f"{name}.card.json").write_text(json.dumps(card, indent=1))
+    plot_scatter(arrays, spec, out / f"{name}.png")
     print(f"wrote {path}: {card['episodes']} episodes ({card['transitions']} transitions) of "
           f"{card['recorded_episodes']} recorded, cost [{card['episode_cost_min']:.0f}, "
           f"{card['episode_cost_max']:.0f}], best return at cost <= limit {card['best_return_at_cost']}, "
@@ -539,8 +553,11 @@ def build_main(argv: Optional[list[str]] = None) -> Optional[dict]:
     parser.add_argument("--workers", type=int, default=1, help="agent processes in parallel (default: 1)")
     parser.add_argument("--max_chunks", "--max-chunks", type=int, default=None,
                         help="stop after this many chunks in this call (rerun to continue)")
+    parser.add_argument("--partial", action="store_true",
+                        help="train nothing: write <task>.partial.hdf5 from the chunks finished so far")
     parser.add_argument("--no_progress", "--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.horizon is not None and args.horizon <= 0:
         raise InputError(f"build-dataset: --horizon must be positive, got {args.horizon}")
-    return build_dataset(settings_from_args(args), args.out, args.workers, not args.no_progress, args.max_chunks)
+    return build_dataset(settings_from_args(args), args.out, args.workers, not args.no_progress, args.max_chunks,
+                         args.partial)
