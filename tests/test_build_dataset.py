@@ -210,11 +210,18 @@ def tiny_build(tmp_path_factory):
 @pytest.mark.dsrl
 def test_tiny_build_writes_a_dsrl_file_the_datamodule_loads(tiny_build):
     path, card = tiny_build
-    # DSRL's get_dataset(h5path=...) conventions: the seven keys, one row per transition, bool flags
+    # what DSRL's get_dataset(h5path=...) checks: the seven keys; observation and action shapes those of the env;
+    # rewards, costs and terminals of shape (N,); flags stored as bool (as in DSRL's files)
+    from lightning_saferl.envs import make_env
+
     data = _arrays(path)
+    env = make_env(TASK)
     assert set(REQUIRED_KEYS) <= set(data) and len({len(v) for v in data.values()}) == 1
+    assert data["observations"].shape[1:] == env.observation_space.shape == data["next_observations"].shape[1:]
+    assert data["actions"].shape[1:] == env.action_space.shape
+    env.close()
+    assert all(data[k].ndim == 1 for k in ("rewards", "costs", "terminals", "timeouts"))
     assert data["terminals"].dtype == bool and data["timeouts"].dtype == bool
-    assert data["observations"].shape[1] == 8 and data["actions"].shape[1] == 2
     assert np.abs(data["actions"]).max() <= 1.0
     assert card["episodes"] == 5 == int(data["timeouts"].sum() + data["terminals"].sum())
     assert card["transitions"] == len(data["rewards"]) == 5 * 200
