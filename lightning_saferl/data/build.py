@@ -248,7 +248,8 @@ def _train_agents(out: Path, settings: BuildSettings, workers: int, progress: bo
                     started += 1
                     finished(run_chunk(out, settings, a, next_chunk[a]))
         else:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+            pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init)
+            try:
                 pending = {}
                 for a in todo:
                     if started < budget:
@@ -262,6 +263,8 @@ def _train_agents(out: Path, settings: BuildSettings, workers: int, progress: bo
                         if next_chunk[a] < settings.chunks_per_agent and started < budget:
                             started += 1
                             pending[pool.submit(run_chunk, out, settings, a, next_chunk[a])] = a
+            finally:  # interrupted: queued chunks are dropped, running ones end (their files are written whole)
+                pool.shutdown(wait=True, cancel_futures=True)
     return all(next_chunk[a] >= settings.chunks_per_agent for a in agents)
 
 
