@@ -360,16 +360,25 @@ def dataset_card(arrays: dict[str, np.ndarray], spec: TaskSpec, sha256: str, min
     return card
 
 
-def plot_scatter(arrays: dict[str, np.ndarray], spec: TaskSpec, path: Path) -> Path:
-    """The reward-cost scatter of the episodes, with the task family's cost limits as dashed lines."""
+def plot_scatter(arrays: dict[str, np.ndarray], spec: TaskSpec, path: Path,
+                 groups: Optional[np.ndarray] = None) -> Path:
+    """The reward-cost scatter of the episodes, with the task family's cost limits as dashed lines; ``groups``
+    (one label per episode, e.g. the threshold of the agent that played it) colours the points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     returns, costs = episode_sums(arrays)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter(costs, returns, s=6, alpha=0.5)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = np.zeros(len(returns)) if groups is None else np.asarray(groups)
+    labels = list(dict.fromkeys(groups.tolist()))
+    for label in labels:
+        mine = groups == label
+        ax.scatter(costs[mine], returns[mine], s=6, alpha=0.6, label=f"{label:g}")
+    if len(labels) > 1:
+        ax.legend(title="agent threshold", fontsize=7, title_fontsize=7, markerscale=2,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0))
     for limit in spec.cost_limits:
         ax.axvline(limit, color="gray", linestyle="--", linewidth=1)
         ax.text(limit, ax.get_ylim()[1], f" {limit:g}", va="top", fontsize=8, color="gray")
@@ -498,7 +507,7 @@ def _write_outputs(out: Path, settings: BuildSettings, chunks: list[int], name: 
         "agents": agent_rows, "thresholds": [row["threshold"] for row in agent_rows],
         "settings": settings.to_json()})
     (out / f"{name}.card.json").write_text(json.dumps(card, indent=1))
-    plot_scatter(arrays, spec, out / f"{name}.png")
+    plot_scatter(arrays, spec, out / f"{name}.png", np.asarray(settings.thresholds)[agents[keep]])
     print(f"wrote {path}: {card['episodes']} episodes ({card['transitions']} transitions) of "
           f"{card['recorded_episodes']} recorded, cost [{card['episode_cost_min']:.0f}, "
           f"{card['episode_cost_max']:.0f}], best return at cost <= limit {card['best_return_at_cost']}, "
