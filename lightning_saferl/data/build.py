@@ -18,7 +18,8 @@ drawn from ``(seed, k, c)``, the filter draws from ``seed``. Agents run in ``wor
 Density filter (`density_filter`): episodes with cost above ``max_cost`` are dropped; the (cost, return) plane
 of the rest is cut into a ``cost_bins x return_bins`` grid; each cell keeps at most ``cap`` episodes (drawn at
 random), with ``cap`` the smallest cap that reaches ``episodes`` kept; the reward-cost frontier (no other episode
-has cost <= and a higher return) and the extremes (least and most cost, most return) are always kept.
+has cost <= and a higher return) and the extremes (least and most cost, most return) are always kept (so more
+than ``episodes`` remain when they alone outnumber it).
 
 Outputs in DIR: ``<task>.hdf5`` (DSRL keys, `write_dataset`), ``<task>.card.json`` (`dataset_card`) and
 ``<task>.png`` (the reward-cost scatter with the task family's cost limits marked). ``--partial`` writes
