@@ -5,6 +5,9 @@
         then evaluation; --trainer.X / --data.X / --stages.<name>.<section>.<key> win over the recipe
     lightning-saferl collect --task PointRobot-v0 --out FILE --steps N --seed S [--num_envs N]   write a dataset
     lightning-saferl evaluate --ckpt ACTOR.ckpt [--episodes N] [--plot OUT.png]   episodes of a trained actor
+    lightning-saferl build-dataset --task OfflineBallCircle-v0 --out DIR [--workers 2] [--steps_per_agent N]   train
+        PPO-Lagrangian agents at a spread of cost thresholds, filter their episodes, write a DSRL file and its card
+        (rerun the same command to resume)
     lightning-saferl sweep --config RECIPE --out DIR --seeds 0 1 2 [--tasks ..] [--cost_limits ..]   runs on Ray
     lightning-saferl table DIR... [--out OUT]       table.md/.csv/.json/.png from the finished runs below DIR...
 
@@ -81,9 +84,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(__doc__.strip())
         return
     try:
-        if command not in (*SUBCOMMANDS, "pipeline", "collect", "evaluate", "sweep", "table"):
+        if command not in (*SUBCOMMANDS, "pipeline", "collect", "evaluate", "build-dataset", "sweep", "table"):
             raise InputError(f"unknown command {command!r}; choose from fit, validate, test, pipeline, collect, "
-                             "evaluate, sweep, table (each takes --help)")
+                             "evaluate, build-dataset, sweep, table (each takes --help)")
         if command == "collect":
             from lightning_saferl.data.collect import collect_main
 
@@ -92,6 +95,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             from lightning_saferl.evaluate import evaluate_main
 
             evaluate_main(argv[1:])
+        elif command == "build-dataset":
+            from lightning_saferl.data.build import build_main
+
+            build_main(argv[1:])
         elif command == "pipeline":
             from lightning_saferl.pipeline import pipeline_main
 

@@ -293,17 +293,23 @@ COLLECTORS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
 }
 
 
-def summarize(arrays: dict[str, np.ndarray]) -> dict[str, float]:
-    """Episode statistics of DSRL arrays (an episode ends at terminals/timeouts or at the last row)."""
-    done = (arrays["terminals"] > 0) | (arrays["timeouts"] > 0)
-    ends = done.copy()
+def episode_sums(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(returns, costs) per episode of DSRL arrays, float64 (an episode ends at terminals/timeouts or at the
+    last row)."""
+    ends = (np.asarray(arrays["terminals"]) > 0) | (np.asarray(arrays["timeouts"]) > 0)
     ends[-1] = True
     starts = np.concatenate(([0], np.flatnonzero(ends)[:-1] + 1))
-    returns = np.add.reduceat(arrays["rewards"].astype(np.float64), starts)
-    costs = np.add.reduceat(arrays["costs"].astype(np.float64), starts)
+    returns = np.add.reduceat(np.asarray(arrays["rewards"], np.float64), starts)
+    costs = np.add.reduceat(np.asarray(arrays["costs"], np.float64), starts)
+    return returns, costs
+
+
+def summarize(arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """Episode statistics of DSRL arrays (an episode ends at terminals/timeouts or at the last row)."""
+    returns, costs = episode_sums(arrays)
     return {
-        "transitions": int(len(done)),
-        "episodes": int(len(starts)),
+        "transitions": int(len(arrays["rewards"])),
+        "episodes": int(len(returns)),
         "mean_return": float(returns.mean()),
         "min_return": float(returns.min()),
         "max_return": float(returns.max()),
