@@ -14,6 +14,7 @@ from lightning_saferl.data.datamodule import OfflineDataModule, failed_terminati
 from lightning_saferl.data.format import Transitions, write_dataset
 from lightning_saferl.data.tasks import get_task
 from lightning_saferl.envs import point_robot as pr
+from test_fisor_selection import _CornerCritic
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -93,16 +94,6 @@ def test_an_actor_without_the_warmup_key_steps_its_ema_as_the_default_does():
             actor.after_optimizer_step()  # update 0
     first, second = (torch.cat([p.flatten() for p in a.ema.parameters()]) for a in actors)
     assert torch.equal(first, second)
-
-
-class _CornerCritic(torch.nn.Module):
-    """Q_h(s, a) = distance from a to the corner (1, -1) minus 1, V_h(s) = obs[:, 0]."""
-
-    def q_value(self, obs, act):
-        return (act - act.new_tensor([1.0, -1.0])).norm(dim=-1) - 1.0
-
-    def value(self, obs):
-        return obs[:, 0]
 
 
 def test_the_proposal_margin_is_an_acting_setting_of_a_trained_actor(monkeypatch):

@@ -2,7 +2,8 @@
 
 Each training batch is ``batch_size`` row indices drawn uniformly from [0, N) with ``torch.randint`` on the
 device holding the data, then gathered from tensors placed there once (no workers, no per-sample Python).
-An epoch is exactly ``steps_per_epoch`` batches.
+An epoch is exactly ``steps_per_epoch`` batches. A batch holds the transition columns, ``masks``, ``index`` and, where
+the task has a rule for them (`failed_terminations`: PointRobot's out-of-bounds ends), ``failures``.
 
 Sequence mode (``sequence_length=K``, for Decision-Transformer-like models): a drawn row e is the LAST step of a
 window of the K rows e-K+1..e cut at e's episode start; a window of an episode's first k < K steps is left-padded
