@@ -1,42 +1,53 @@
-"""FISOR on PointRobot over training seeds and two datasets, against BC-All and BC-Safe on the same data.
+"""FISOR on PointRobot over training seeds and two datasets: the variant (fisor_guard), the published method and,
+with ``--ablation``, each departure added in turn; against BC-All and BC-Safe on the same data.
 
     python benchmarks/fisor_point_robot.py [--seeds 0 1 2] [--datasets mixed scarce] [--start_seed 0]
                                            [--run_dir benchmarks/out/fisor_point_robot] [--jobs 1] [--quick]
+                                           [--ablation] [--random_episodes 500]
                                            [--set stages.<stage>.<key>=<value> ...]
 
 Datasets (generated, data seed 0): ``mixed`` (the default data) and ``scarce`` (safe expert episodes <= 10 %;
-figures with the suffix ``_scarce``). For every dataset and seed S: the recipe configs/fisor/point_robot.yaml,
-with ``--set`` values on top (an ablation; default none), runs as a pipeline (``--seed_everything S
---data.seed S``) in its own run directory, and BC-All / BC-Safe train with seed S. Per seed it measures:
-  feasible_region_iou, shadow_recall, false_infeasible_rate   the critic's {V_h <= 0} against the oracle on the
+figures with the suffix ``_scarce``). For every dataset and seed S, each recipe step runs as a pipeline
+(``--seed_everything S --data.seed S``) in its own run directory, and BC-All / BC-Safe train with seed S. The steps:
+the published recipe configs/fisor/point_robot.yaml (figures ``reference_*``), with ``--ablation`` the departures of
+`ABLATION` added to it one after another (cumulative), and last the variant configs/fisor_guard/point_robot.yaml
+(``--recipe``; ``--set`` values on top), whose figures carry no prefix. A step starts from a copy of the previous
+step's run directory, so the stages whose config it does not change are reused (a change of acting settings only
+re-evaluates). Per seed it measures:
+  feasible_region_iou, shadow_recall, false_infeasible_rate   the variant's critic {V_h <= 0} against the oracle on the
                                  (v, theta) grid slices; with ``dataset_`` in front, on the dataset's own states.
                                  Shadow: oracle-infeasible states outside the hazards. The trivial rule
                                  "feasible iff h(s) <= 0" is scored beside (``trivial_*``; its shadow recall is 0).
   standard_start_violations      violating steps over the episodes from the standard start
   feasible_start_violation_rate  share of episodes from held-out oracle-feasible starts that ever violate, and
-  goal_rate, return_mean         of FISOR, BC-All and BC-Safe from the same starts
+  goal_rate, return_mean         of each step, BC-All and BC-Safe from the same starts
   *_violation_rate_tight          the same on the *tight* starts only: feasible, but at most 3 of the oracle's 7
                                   braking manoeuvres escape (`escape_margin`), i.e. a nearly exact manoeuvre is
                                   needed; ``tight_start_fraction`` is their share of the starts
+  random_start_cost              mean episode cost from ``--random_episodes`` random starts (episode seeds from
+                                  RANDOM_START_SEED, the results table's stream), with ``random_start_return`` and the
+                                  DSRL normalised cost of that mean at the task's limits 0 / 5 / 10
+                                  (``random_start_normalized_cost@L``); costs are heavy-tailed, hence >= 500 episodes
   critic_greedy_violation_rate_tight  the feasibility critic alone on the tight starts: each step the lowest Q_h of
                                   512 uniform actions and the oracle's 7 braking actions (`greedy_violations`), no
                                   actor; 0 for a perfect action ranking. Beside it (``one_step_rule_*``) the same
                                   rollout ranked by h one step ahead (the dynamics' next state; no critic)
-then every seed's figures, their mean and standard deviation, and as the last stdout line one JSON object.
+then every seed's figures, their mean and standard deviation, the ablation table (``--ablation``), and as the last
+stdout line one JSON object (``ablation``: step -> figure -> mean and std over seeds).
 
 Held-out starts: drawn from the evaluation stream ``EVALUATION_STREAM + start_seed``
 (`lightning_saferl.envs.oracle.feasible_starts`), never used by data collection, and checked to contain no row of
 the dataset. Reported figures use ``--start_seed 0``; tune with other start seeds (e.g. ``--start_seed 1``).
 Re-running on the same run_dir reuses finished stages of the same config and retrains the stages whose config
-changed (and those fed by them); a change of the actor's acting settings only re-evaluates. BC checkpoints are
-named by seed, dataset and steps. Figures: <run_dir>/<dataset>/seed<S>/feasible_region.png (the oracle's shadow
-hatched).
+changed (and those fed by them). BC checkpoints are named by seed, dataset and steps. Figures:
+<run_dir>/<dataset>/seed<S>/feasible_region.png (the oracle's shadow hatched).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing
+import shutil
 import statistics
 import time
 import traceback
@@ -47,10 +58,12 @@ import lightning as L
 import numpy as np
 import torch
 
+from lightning_saferl import runs
 from lightning_saferl.actors import BCAll, BCSafe
 from lightning_saferl.callbacks.feasible_region import DEFAULT_SLICES, plot_feasible_region, region_scores
 from lightning_saferl.data.collect import summarize
 from lightning_saferl.data.datamodule import OfflineDataModule
+from lightning_saferl.data.tasks import get_task
 from lightning_saferl.envs import point_robot as pr
 from lightning_saferl.envs.oracle import (
     dataset_rows_among, escape_margin, feasibility_scores, feasible_starts, greedy_violations, is_feasible,
@@ -60,7 +73,28 @@ from lightning_saferl.evaluation import EpisodeRunner
 from lightning_saferl.pipeline import parse_args, print_table, run_pipeline, stage_conflicts
 from lightning_saferl.policy import load_module
 
-RECIPE = Path(__file__).resolve().parent.parent / "configs" / "fisor" / "point_robot.yaml"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RECIPE = CONFIGS / "fisor_guard" / "point_robot.yaml"
+REFERENCE_RECIPE = CONFIGS / "fisor" / "point_robot.yaml"
+ACTOR = "stages.actor.model.init_args."
+#: the published recipe's departures in the order the ablation adds them (each step keeps the earlier ones); after
+#: the last one the ablation runs the variant's recipe, which adds the cost critic and its tie-break
+ABLATION = (
+    ("infeasible_temperature", (f"{ACTOR}infeasible_temperature=50.0",)),
+    ("feasibility_margin", (f"{ACTOR}feasibility_margin=0.25",)),
+    ("select_band", (f"{ACTOR}select_tolerance=0.05", f"{ACTOR}select_clearance=0.5")),
+    ("proposals", (f"{ACTOR}uniform_proposals=512", f"{ACTOR}proposal_gain=0.005", f"{ACTOR}proposal_vertices=true")),
+    ("ema_warmup_cosine_decay", (f"{ACTOR}ema_warmup=true", f"{ACTOR}cosine_decay_steps=6000")),
+    ("bf16_actor", (f"stages.actor.trainer.precision={runs.bf16_if_native_cpu()}",)),
+    ("failure_violation", ("stages.feasibility_critic.model.init_args.failure_violation=0.8",)),
+)
+RANDOM_START_SEED = 2000  # episode seeds of the random starts: the results table's stream (2000, 2001, ...)
+COST_LIMITS = (0.0, 5.0, 10.0)
+#: the figures of each recipe step (per seed; the ablation table's columns)
+STEP_KEYS = ("feasible_start_violation_rate", "feasible_start_violation_rate_tight",
+             "feasible_start_violation_rate_other", "goal_rate", "return_mean", "random_start_cost",
+             *(f"random_start_normalized_cost@{limit:g}" for limit in COST_LIMITS), "random_start_return",
+             "standard_start_violations", "standard_start_goal_rate")
 GRID = 101  # grid points per axis of each slice
 TIGHT_MARGIN = 3  # a start is tight when at most this many of the oracle's 7 braking manoeuvres escape
 SUMMARY_KEYS = ("feasible_start_violation_rate", "bc_safe_violation_rate", "bc_all_violation_rate",
@@ -69,7 +103,10 @@ SUMMARY_KEYS = ("feasible_start_violation_rate", "bc_safe_violation_rate", "bc_a
                 "feasible_start_violation_rate_other", "bc_safe_violation_rate_other", "goal_rate",
                 "bc_safe_goal_rate", "bc_all_goal_rate", "return_mean", "bc_safe_return_mean", "shadow_recall",
                 "false_infeasible_rate", "feasible_region_iou", "dataset_shadow_recall",
-                "dataset_false_infeasible_rate", "standard_start_violations", "standard_start_goal_rate")
+                "dataset_false_infeasible_rate", "standard_start_violations", "standard_start_goal_rate",
+                "random_start_cost", "bc_safe_random_start_cost", "bc_all_random_start_cost",
+                "reference_feasible_start_violation_rate", "reference_goal_rate", "reference_random_start_cost",
+                "reference_standard_start_violations")
 
 
 def dataset_figures(data: OfflineDataModule) -> dict:
@@ -100,71 +137,115 @@ def train_bc(cls, steps: int, seed_dir: Path, seed: int, behavior: str):
     return model
 
 
-def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
-    """Pipeline, BC baselines and every figure of one (seed, dataset); `data` from `prepare_dataset`."""
-    started = time.time()
-    seed_dir = run_dir / behavior / f"seed{seed}"
-    pipeline_args = ["--config", args.recipe, "--run_dir", str(seed_dir / "fisor"), "--seed_everything", str(seed),
+def recipe_steps(args) -> list[tuple[str, str, list[str]]]:
+    """(name, recipe, settings) of every step: the published recipe, with --ablation each departure added in turn,
+    then the variant (--set on top)."""
+    steps, settings = [("published", args.reference_recipe, [])], []
+    if args.ablation:
+        for name, added in ABLATION:
+            settings = settings + list(added)
+            steps.append((f"+{name}", args.reference_recipe, settings))
+    return steps + [("fisor_guard", args.recipe, list(args.set))]
+
+
+def train_step(recipe: str, settings: list[str], step_dir: Path, seed: int, behavior: str, args):
+    """Run one recipe step's pipeline in `step_dir` and return its trained actor (eval mode)."""
+    pipeline_args = ["--config", recipe, "--run_dir", str(step_dir), "--seed_everything", str(seed),
                      "--data.seed", str(seed), "--data.behavior", behavior,
-                     # the pipeline's own summary (seed_dir/fisor/summary.json) with the README table's protocol
-                     "--evaluation.episodes", "100", "--evaluation.num_envs", "50", "--evaluation.seed", "2000",
+                     # the pipeline's own summary (step_dir/summary.json) with the README table's protocol
+                     "--evaluation.episodes", "100", "--evaluation.num_envs", "50",
+                     "--evaluation.seed", str(RANDOM_START_SEED),
                      "--evaluation.reset_options", json.dumps({"random_start": True})]
     # --quick: the smoke budget (5 steps per stage) would lose to a max_steps setting (the command line wins)
-    pipeline_args += [f"--{setting}" for setting in args.set
+    pipeline_args += [f"--{setting}" for setting in settings
                       if not (args.quick and setting.partition("=")[0].endswith(".max_steps"))]
     if args.quick:
         pipeline_args.append("--smoke")
     config = parse_args(pipeline_args)
     changed = stage_conflicts(config)  # stages cached for another config (e.g. an edited recipe) train afresh
     if changed:
-        print(f"[benchmark] {seed_dir}: retraining stages of a changed config: {changed}")
+        print(f"[benchmark] {step_dir}: retraining stages of a changed config: {changed}")
         config = parse_args(pipeline_args + ["--restart", *changed])
     run_pipeline(config)
-    actor = load_module(str(seed_dir / "fisor" / "actor" / "model.ckpt")).eval()
-    critic = actor.feasibility_critic
+    return load_module(str(step_dir / "actor" / "model.ckpt")).eval()
+
+
+def policy_figures(policy, data: dict, args) -> dict:
+    """Standard-start, held-out feasible-start and random-start figures of one policy (`STEP_KEYS`)."""
+    standard = EpisodeRunner(pr.ENV_ID, episodes=args.standard_episodes, num_envs=args.standard_episodes,
+                             seed=args.start_seed).run_episodes(policy)
+    feasible = EpisodeRunner(pr.ENV_ID, episodes=len(data["starts"]), num_envs=100, seed=args.start_seed,
+                             reset_options=data["starts"]).run_episodes(policy)
+    random = EpisodeRunner(pr.ENV_ID, episodes=args.random_episodes, num_envs=100, seed=RANDOM_START_SEED,
+                           reset_options={"random_start": True}).run_episodes(policy)
+    violated = feasible["violations"] > 0
+    tight = data["escape_margin"] <= TIGHT_MARGIN
+    spec = get_task(pr.ENV_ID)
+
+    def rate_on(where: np.ndarray) -> float:
+        return float(violated[where].mean()) if where.any() else float("nan")
+    cost = float(random["cost"].mean())
+    return {
+        "standard_start_episodes": int(len(standard["index"])),
+        "standard_start_violations": int(standard["violations"].sum()),
+        "standard_start_goal_rate": float(standard["success"].mean()),
+        "feasible_start_violation_rate": float(violated.mean()),
+        "feasible_start_violation_rate_tight": rate_on(tight), "feasible_start_violation_rate_other": rate_on(~tight),
+        "goal_rate": float(feasible["success"].mean()), "return_mean": float(feasible["return"].mean()),
+        "random_start_cost": cost, "random_start_return": float(random["return"].mean()),
+        **{f"random_start_normalized_cost@{limit:g}": float(spec.normalized_cost(cost, limit))
+           for limit in COST_LIMITS},
+    }
+
+
+def _copy_run(source: Path, target: Path) -> None:
+    """Start `target` from `source`'s finished stages (not its lock or summary) unless it exists already."""
+    if source.exists() and not target.exists():
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns(".pipeline.lock", "summary.json"))
+
+
+def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
+    """Every recipe step, the BC baselines and every figure of one (seed, dataset); `data` from `prepare_dataset`."""
+    started = time.time()
+    seed_dir = run_dir / behavior / f"seed{seed}"
+    steps, previous = {}, None
+    for name, recipe, settings in recipe_steps(args):
+        step_dir = seed_dir / name.lstrip("+")
+        if previous is not None:
+            _copy_run(previous, step_dir)
+        actor = train_step(recipe, settings, step_dir, seed, behavior, args)
+        L.seed_everything(seed)  # the policy's own sampling
+        steps[name] = policy_figures(actor, data, args)
+        print_table(steps[name], f"PointRobot, dataset '{behavior}', seed {seed}: {name}")
+        previous = step_dir
+    critic = actor.feasibility_critic  # the variant's (the last step)
     with torch.no_grad():
         value_fn = lambda obs: critic.value(obs)  # noqa: E731
         _, ious = plot_feasible_region(value_fn, DEFAULT_SLICES, GRID, str(seed_dir / "feasible_region.png"))
         grid = region_scores(value_fn, DEFAULT_SLICES, GRID)
         on_data = feasibility_scores(critic.feasible(data["observations"]), data["oracle"], data["hazard"])
         critic_greedy = greedy_violations(critic.q_value, data["tight_starts"]).float().mean()  # nan without any
-    bc_all = train_bc(BCAll, args.bc_steps, seed_dir, seed, behavior).eval()
-    bc_safe = train_bc(BCSafe, args.bc_steps, seed_dir, seed, behavior).eval()
-
-    L.seed_everything(seed)  # the policies' own sampling
-    standard = EpisodeRunner(pr.ENV_ID, episodes=args.standard_episodes, num_envs=args.standard_episodes,
-                             seed=args.start_seed).run_episodes(actor)
-    episodes = {}
-    for name, policy in (("fisor", actor), ("bc_all", bc_all), ("bc_safe", bc_safe)):
-        runner = EpisodeRunner(pr.ENV_ID, episodes=len(data["starts"]), num_envs=100, seed=args.start_seed,
-                               reset_options=data["starts"])
-        episodes[name] = runner.run_episodes(policy)
-    violation_rate = {name: float((e["violations"] > 0).mean()) for name, e in episodes.items()}
-    tight = data["escape_margin"] <= TIGHT_MARGIN
-
-    def rate_on(name: str, where: np.ndarray) -> float:
-        return float((episodes[name]["violations"][where] > 0).mean()) if where.any() else float("nan")
+    baselines = {}
+    for name, cls in (("bc_all", BCAll), ("bc_safe", BCSafe)):
+        policy = train_bc(cls, args.bc_steps, seed_dir, seed, behavior).eval()
+        L.seed_everything(seed)
+        baselines[name] = policy_figures(policy, data, args)
+    variant, reference = steps["fisor_guard"], steps["published"]
     return {
+        **variant,
         "feasible_region_iou": grid["iou"], "feasible_region_iou_per_slice": [round(x, 4) for x in ious],
         "shadow_recall": grid["shadow_recall"], "false_infeasible_rate": grid["false_infeasible_rate"],
         "dataset_feasible_region_iou": on_data["iou"], "dataset_shadow_recall": on_data["shadow_recall"],
         "dataset_false_infeasible_rate": on_data["false_infeasible_rate"],
-        "standard_start_episodes": int(len(standard["index"])),
-        "standard_start_violations": int(standard["violations"].sum()),
-        "standard_start_goal_rate": float(standard["success"].mean()),
-        "feasible_start_violation_rate": violation_rate["fisor"],
-        "bc_all_violation_rate": violation_rate["bc_all"], "bc_safe_violation_rate": violation_rate["bc_safe"],
-        "feasible_start_violation_rate_tight": rate_on("fisor", tight),
-        "bc_safe_violation_rate_tight": rate_on("bc_safe", tight),
         "critic_greedy_violation_rate_tight": float(critic_greedy),
-        "feasible_start_violation_rate_other": rate_on("fisor", ~tight),
-        "bc_safe_violation_rate_other": rate_on("bc_safe", ~tight),
-        "goal_rate": float(episodes["fisor"]["success"].mean()),
-        "bc_all_goal_rate": float(episodes["bc_all"]["success"].mean()),
-        "bc_safe_goal_rate": float(episodes["bc_safe"]["success"].mean()),
-        "return_mean": float(episodes["fisor"]["return"].mean()),
-        "bc_all_return_mean": float(episodes["bc_all"]["return"].mean()),
-        "bc_safe_return_mean": float(episodes["bc_safe"]["return"].mean()),
+        **{f"{name}_{key}": figures[key] for name, figures in baselines.items()
+           for key in ("goal_rate", "random_start_cost", "random_start_return")},
+        **{f"{name}_violation_rate{part}": figures[f"feasible_start_violation_rate{part}"]
+           for name, figures in baselines.items() for part in ("", "_tight", "_other")},
+        "bc_all_return_mean": baselines["bc_all"]["return_mean"],
+        "bc_safe_return_mean": baselines["bc_safe"]["return_mean"],
+        **{f"reference_{key}": value for key, value in reference.items()},
+        "steps": steps,
         "minutes": (time.time() - started) / 60,
     }
 
@@ -209,8 +290,18 @@ def summarize_dataset(behavior: str, data: dict, per_seed: dict, seeds: list[int
                  **{f"{k} (mean +- std)": f"{summary[k + '_mean']:.4g} +- {summary[k + '_std']:.2g}"
                     for k in SUMMARY_KEYS}},
                 f"FISOR on PointRobot, dataset '{behavior}': per seed and over seeds")
+    ablation = {}
+    for step in per_seed[seeds[0]]["steps"]:
+        figures = {key: [per_seed[s]["steps"][step][key] for s in seeds] for key in STEP_KEYS}
+        ablation[step] = {**{f"{key}_mean": statistics.fmean(v) for key, v in figures.items()},
+                          **{f"{key}_std": statistics.stdev(v) if len(v) > 1 else 0.0 for key, v in figures.items()},
+                          "standard_start_violations_max": max(figures["standard_start_violations"])}
+    print_table({step: "  ".join(f"{key} {row[key + '_mean']:.4g} +- {row[key + '_std']:.2g}" for key in STEP_KEYS)
+                 for step, row in ablation.items()},
+                f"PointRobot, dataset '{behavior}': recipe steps (mean +- std over seeds {seeds})")
     return {
         **summary,
+        "ablation": ablation,
         "standard_start_violations_max": max(per_seed[s]["standard_start_violations"] for s in seeds),
         "feasible_start_episodes": len(data["starts"]),
         "tight_start_fraction": float((data["escape_margin"] <= TIGHT_MARGIN).mean()),
@@ -232,10 +323,16 @@ def main() -> None:
     parser.add_argument("--start_seed", type=int, default=0,
                         help="evaluation-start stream: 0 for reported figures, others for tuning")
     parser.add_argument("--run_dir", default="benchmarks/out/fisor_point_robot")
-    parser.add_argument("--recipe", default=str(RECIPE), help="FISOR recipe (default: %(default)s)")
+    parser.add_argument("--recipe", default=str(RECIPE), help="the variant's recipe (default: %(default)s)")
+    parser.add_argument("--reference_recipe", default=str(REFERENCE_RECIPE),
+                        help="the published method's recipe (default: %(default)s)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="pipeline settings over the recipe, e.g. an ablation (default: none, the recipe as it is, "
-                             "i.e. the README's quick start)")
+                        help="pipeline settings over the variant's recipe (default: none, the recipe as it is, i.e. the "
+                             "README's quick start)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="between the published recipe and the variant, add the departures of ABLATION in turn")
+    parser.add_argument("--random_episodes", type=int, default=500,
+                        help="random-start episodes per policy and seed (costs are heavy-tailed: at least 500)")
     parser.add_argument("--quick", action="store_true", help="pipeline --smoke and few episodes (a check only)")
     parser.add_argument("--bc_steps", type=int, default=5000)
     parser.add_argument("--standard_episodes", type=int, default=20)
@@ -249,7 +346,7 @@ def main() -> None:
     if malformed:
         parser.error(f"--set takes KEY=VALUE pipeline settings (e.g. stages.actor.trainer.max_steps=100), got {malformed}")
     if args.quick:
-        args.standard_episodes, args.feasible_episodes, args.bc_steps = 2, 4, 5
+        args.standard_episodes, args.feasible_episodes, args.bc_steps, args.random_episodes = 2, 4, 5, 4
     run_dir = Path(args.run_dir)
     data = {behavior: prepare_dataset(behavior, args) for behavior in args.datasets}
     units = [(seed, behavior, data[behavior], args, run_dir)
@@ -265,7 +362,8 @@ def main() -> None:
                 failed.append(f"{behavior}/seed{seed}")
                 print(f"[benchmark] {behavior} seed {seed} FAILED:\n{traceback.format_exc()}", flush=True)
                 continue
-            print_table(figures[seed, behavior], f"FISOR on PointRobot, dataset '{behavior}', seed {seed}")
+            print_table({k: v for k, v in figures[seed, behavior].items() if k != "steps"},
+                        f"FISOR on PointRobot, dataset '{behavior}', seed {seed}")
     results = {"seeds": args.seeds, "start_seed": args.start_seed, "settings": args.set, "failed": failed}
     for behavior in args.datasets:
         seeds = [seed for seed in args.seeds if (seed, behavior) in figures]

@@ -95,10 +95,10 @@ def test_epoch_length_and_batch_contents(small_file):
     assert len(batches) == 7 and len(list(loader)) == 7 and dm.batches_drawn == 14
     b = batches[0]
     assert set(b) == {"observations", "actions", "rewards", "costs", "next_observations", "masks", "terminals",
-                      "constraint_values", "index"}
+                      "constraint_values", "failures", "index"}  # failures: PointRobot's out-of-bounds ends
     assert b["observations"].shape == (32, 11) and b["next_observations"].shape == (32, 11)
     assert b["actions"].shape == (32, 2)
-    for k in ("rewards", "costs", "masks", "terminals", "constraint_values", "index"):
+    for k in ("rewards", "costs", "masks", "terminals", "constraint_values", "failures", "index"):
         assert b[k].shape == (32,)
     assert all(v.device.type == "cpu" for v in b.values())
     assert b["index"].dtype == torch.long and b["observations"].dtype == torch.float32

@@ -38,14 +38,15 @@ def test_fisor_weight_branches_and_clipping():
     q_h = torch.tensor([0.1, -100.0, -0.2, -0.2, 0.3, 0.0, 0.5])
     q = torch.tensor([0.0, 0.0, 1.0, 5.0, 9.0, 0.2, 0.0])
     v = torch.tensor([0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0])
-    w = fisor_weights(v_h, q_h, q, v)  # defaults 5/150, 3/100
-    # infeasible states: exp(5 (V_h - Q_h)) clipped to [1, 150] as the reference (the last: exp(-1.5) -> 1)
+    w = fisor_weights(v_h, q_h, q, v, infeasible_weight_min=1.0)  # temperatures 5/3, clips 150/100
+    # infeasible states: exp(5 (V_h - Q_h)) clipped to [1, 150] (the last: exp(-1.5) -> 1)
     expected = [math.exp(5 * 0.1), 150.0, math.exp(3 * 0.5), 100.0, 0.0, math.exp(3 * 0.2), 1.0]
     assert w.tolist() == pytest.approx(expected, rel=1e-5)
-    # a lower clip of 0: the infeasible action worse than V_h keeps its small weight exp(5 (0.2 - 0.5))
-    w0 = fisor_weights(v_h, q_h, q, v, infeasible_weight_min=0.0)
+    # the default lower clip of 0 (the official code's head): the infeasible action worse than V_h keeps its small
+    # weight exp(5 (0.2 - 0.5))
+    w0 = fisor_weights(v_h, q_h, q, v)
     assert w0[-1].item() == pytest.approx(math.exp(-1.5), rel=1e-5) and w0[:-1].tolist() == pytest.approx(expected[:-1])
-    # a feasibility margin of 0.25: V_h = -0.2 counts as infeasible (exp(5 (V_h - Q_h)), clipped to [1, 150]), and
+    # a feasibility margin of 0.25: V_h = -0.2 counts as infeasible (exp(5 (V_h - Q_h)), clipped to [0, 150]), and
     # an action with Q_h = -0.2 at a state with V_h = -0.5 is no longer a safe one (weight 0)
     v_h, q_h = torch.tensor([-0.2, -0.5, -0.5]), torch.tensor([-0.4, -0.2, -0.3])
     q, v = torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0.0, 0.5, 0.5])
@@ -214,8 +215,11 @@ def test_diffusion_actor_fits_bimodal_actions():
 
 
 def test_ema_warmup_rates():
-    assert [ema_rate(k, 0.001) for k in (0, 8, 90)] == pytest.approx([0.9, 0.5, 0.09])
-    assert ema_rate(9000, 0.001) == 0.001 and ema_rate(0, 0.001, warmup=False) == 0.001
+    assert [ema_rate(k, 0.001, warmup=True) for k in (0, 8, 90)] == pytest.approx([0.9, 0.5, 0.09])
+    assert [ema_rate(k, 0.001) for k in (0, 10, 5999)] == [0.001] * 3  # the reference: no warm-up
+    # 9 / (10 + k) meets the floor at k = 8990: the variant's 6000 updates end at 9 / 6009 = 0.0015
+    assert ema_rate(8989, 0.001, warmup=True) > 0.001 and ema_rate(8990, 0.001, warmup=True) == 0.001
+    assert ema_rate(5999, 0.001, warmup=True) == pytest.approx(9 / 6009)
     # share of the random initialisation left in the EMA after 3000 updates: 5% without warm-up, none with it
     share = lambda warmup: math.prod(1 - ema_rate(k, 0.001, warmup) for k in range(3000))
     assert share(False) == pytest.approx(0.999 ** 3000) and share(False) > 0.04
@@ -231,7 +235,7 @@ def test_ema_follows_the_warmup_rates_in_a_trainer(tmp_path):
     from tiny_data import write_tiny
 
     critics = dict(obs_dim=11, act_dim=2, hidden_dims=(8,))
-    actor = FisorActor(obs_dim=11, act_dim=2, hidden_dim=16, num_blocks=1, dropout=0.0, lr=1e-2,
+    actor = FisorActor(obs_dim=11, act_dim=2, hidden_dim=16, num_blocks=1, dropout=0.0, lr=1e-2, ema_warmup=True,
                        feasibility_critic=FeasibilityCritic(**critics), reward_critic=RewardCritic(**critics))
     snapshots = []
 

@@ -26,8 +26,8 @@ CASES = {
     "BehaviorDiffusion": (lambda: BehaviorDiffusion(OBS, ACT, hidden_dim=8, num_blocks=1, ema_tau=TAU),
                           "net", "ema", lambda k: TAU),
     "FisorActor": (lambda: FisorActor(OBS, ACT, FeasibilityCritic(OBS, ACT, **TINY), RewardCritic(OBS, ACT, **TINY),
-                                      hidden_dim=8, num_blocks=1, ema_tau=TAU),
-                   "net", "ema", lambda k: ema_rate(k, TAU)),  # the warm-up rates count updates, not batches
+                                      hidden_dim=8, num_blocks=1, ema_tau=TAU, ema_warmup=True),
+                   "net", "ema", lambda k: ema_rate(k, TAU, warmup=True)),  # the warm-up counts updates, not batches
 }
 
 

@@ -182,14 +182,18 @@ def test_recipe_interpolation_and_typed_shared_values(tmp_path, tiny):
 
 @pytest.mark.parametrize("native, cuda, expected", [(True, False, "bf16-mixed"), (False, False, "32-true"),
                                                     (True, True, "32-true")])
-def test_the_main_recipe_trains_its_actor_in_bf16_only_on_a_cpu_that_has_it(monkeypatch, native, cuda, expected):
+def test_the_quick_start_recipe_trains_its_actor_in_bf16_only_on_a_cpu_that_has_it(monkeypatch, native, cuda,
+                                                                                    expected):
     # `${bf16_if_native_cpu:}` resolves when the recipe is read, so the stage's config (and its hash) holds the value
     monkeypatch.setattr(runs, "native_bf16_cpu", lambda: native)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    cfg = parse_args(["--config", str(CONFIGS / "fisor" / "point_robot.yaml")])
+    cfg = parse_args(["--config", str(CONFIGS / "fisor_guard" / "point_robot.yaml")])
     assert cfg.stages["actor"]["trainer"]["precision"] == expected
     assert cfg.trainer.get("precision") is None  # the critics train in float32
-    assert not {"precision"} & {*cfg.stages["feasibility_critic"]["trainer"], *cfg.stages["reward_critic"]["trainer"]}
+    assert not {"precision"} & {key for name in ("feasibility_critic", "reward_critic", "cost_critic")
+                                for key in cfg.stages[name]["trainer"]}
+    published = parse_args(["--config", str(CONFIGS / "fisor" / "point_robot.yaml")])
+    assert published.stages["actor"]["trainer"].get("precision") is None  # the published method: float32
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU's flags from /proc/cpuinfo")
@@ -401,17 +405,19 @@ def test_point_robot_baseline_recipes(tmp_path, tiny, recipe):
     assert SUMMARY_KEYS <= set(summary)
 
 
-def test_fisor_main_job_recipe_runs_with_its_acting_settings(tmp_path, tiny, caplog):
-    # the README's quick start, at smoke size: its callbacks, and the actor's uniform proposals in the evaluation.
+def test_fisor_quick_start_recipe_runs_the_variant_with_its_acting_settings(tmp_path, tiny, caplog):
+    # the README's quick start (the variant fisor_guard), at smoke size: its callbacks, the cost critic stage, and the
+    # actor's uniform proposals and cost tie-break in the evaluation.
     # Lightning's lines that a run cannot act on stay out of its output (`runs.quiet_upstream`).
-    recipe = str(CONFIGS / "fisor" / "point_robot.yaml")
+    recipe = str(CONFIGS / "fisor_guard" / "point_robot.yaml")
     caplog.set_level(logging.INFO)
     with warnings.catch_warnings(record=True) as shown:  # the filters in force, as a run has them
         summary = main_summary(["pipeline", "--config", recipe, "--smoke", "--data.path", tiny,
                                 "--run_dir", str(tmp_path / "run"), "--trainer", json.dumps(QUIET)])
-    assert summary["algorithm"] == "fisor" and SUMMARY_KEYS <= set(summary)
+    assert summary["algorithm"] == "fisor_guard" and SUMMARY_KEYS <= set(summary)
     actor = torch.load(tmp_path / "run" / "actor" / "model.ckpt", weights_only=True)
     assert actor["hyper_parameters"]["uniform_proposals"] > 0 and actor["hyper_parameters"]["proposal_gain"] > 0
+    assert actor["hyper_parameters"]["cost_tiebreak"] > 0 and "cost_critic" in actor["critic_hparams"]
     assert actor[CONFIG_KEY]["config"]["trainer.precision"] == runs.bf16_if_native_cpu()  # what it trained with
     assert not [str(w.message) for w in shown if "LeafSpec" in str(w.message) or "eval mode" in str(w.message)]
     assert "GPU available" in caplog.text and "litlogger" not in caplog.text  # Lightning's other lines still show

@@ -4,34 +4,41 @@
     w = clip(exp(t_inf (V_h - Q_h)), w_inf_min, w_inf_max)   where V_h(s) > -delta   (infeasible: least unsafe action)
       = clip(exp(t_feas (Q - V)), 0, w_feas_max)     where V_h(s) <= -delta, Q_h <= -delta  (feasible, safe action)
       = 0                                            otherwise.
-The feasibility margin delta (``feasibility_margin``, the reference's is 0) tightens the constraint by delta in h's
-units: near the boundary, where the critic's level set is least exact, states count as infeasible.
-The critics are frozen, so w is computed once over the dataset before training. The reference clips the infeasible
-weights below at w_inf_min = 1: every action worse than V_h (most of them, V_h being a low expectile of Q_h) then
-weighs 1, and where Q_h spreads over a few tenths (PointRobot's h is a distance) the infeasible states are plainly
-cloned; w_inf_min = 0 with a temperature on the scale of Q_h makes them prefer the least unsafe actions.
-The EMA copy acts: N candidates per observation by ancestral sampling, keep the one with the lowest Q_h (or highest
-Q). With ``select_tolerance`` d > 0 and ``select_clearance`` m >= 0 (select="min_qh"): the highest-Q candidate among
-    B = {c : Q_h(s, c) <= min_c' Q_h(s, c') + d  and  Q_h(s, c) <= -m},   the lowest-Q_h one where B is empty;
-d = 0 is the reference's rule. Far inside the feasible set Q_h is nearly flat over the candidates and the
-lowest Q_h is a draw biased to braking; there B holds them all and Q decides (see the recipe's comment).
-With ``uniform_proposals`` K > 0, where the critic calls the state infeasible (V_h(s) > -delta, the states whose
-target is the least unsafe action, argmin_a Q_h) K actions u_k uniform in [-1, 1]^act_dim are scored too: near a
-hazard the escape can be a narrow corner of the action box that the weighted cloning rarely proposes. The safest
-one, u* = argmin_k Q_h(s, u_k), replaces the candidates' choice only if
-    Q_h(s, u*) < min_c Q_h(s, c) - g        (g = ``proposal_gain``),
-so the actor keeps control unless the critic sees a clear gain: the lowest of K + N noisy estimates is biased low,
-and near a boundary they differ by a few thousandths. K = 0 is the reference's rule. With ``proposal_snap`` p > 0
-each coordinate of a proposal is set to the nearer bound (its sign) with probability p, so a share p^act_dim of the
-proposals are vertices of the box and more lie on its faces: for control-affine dynamics (PointRobot's) the
-safety-optimal control of HJ reachability is bang-bang, a vertex, which uniform draws never reach exactly. With
-``proposal_vertices`` the box's 2^act_dim vertices are scored beside the K uniform proposals, under the same gain.
-EMA after update k: ema <- (1 - tau_k) ema + tau_k net with tau_k = max(ema_tau, 9 / (10 + k)) (warm-up: the
-random initialisation is forgotten within the first updates, however short the run), or tau_k = ema_tau.
+The critics are frozen, so w is computed once over the dataset before training. The EMA copy acts: N candidates per
+observation by ancestral sampling, keep the one with the lowest Q_h (or the highest Q with select="max_q").
+EMA after update k: ema <- (1 - tau_k) ema + tau_k net, tau_k = ema_tau.
+
+Defaults are the published method, the official code at ZhengYinan-AIR/FISOR@2097e8bbc96ef49183f22cb2a1b05948b5859ec0
+(configs/train_config.py; jaxrl5/agents/fisor/fisor.py): N 16, t_inf 5 (cost_temperature), t_feas 3
+(reward_temperature), w_inf in [0, 150] (cost_ub; the head clips at 0), w_feas <= 100, delta 0, T 5, 3 residual
+blocks of width 256, dropout 0.1, lr 3e-4 with a cosine decay over 3M updates, constant EMA rate 0.001, minqc.
+launcher/examples/train_offline.py overrides PointRobot's N 8, t_inf 2, t_feas 5 (configs/fisor/point_robot.yaml).
+
+Departures, each off by default (the variant's recipe, configs/fisor_guard/, turns them on; docs/methods/fisor.md):
+* ``feasibility_margin`` delta > 0 tightens the constraint by delta in h's units: near the boundary, where the
+  critic's level set is least exact, states count as infeasible.
+* ``select_tolerance`` d > 0 and ``select_clearance`` m >= 0 (select="min_qh"): the highest-Q candidate among
+      B = {c : Q_h(s, c) <= min_c' Q_h(s, c') + d  and  Q_h(s, c) <= -m},   the lowest-Q_h one where B is empty.
+  Far inside the feasible set Q_h is nearly flat over the candidates and the lowest Q_h is a draw biased to braking.
+* ``uniform_proposals`` K > 0: where V_h(s) > -delta_p (``proposal_margin``, default delta) K actions u_k uniform in
+  [-1, 1]^act_dim are scored too (near a hazard the escape can be a corner of the action box that the weighted
+  cloning rarely proposes); u* = argmin_k Q_h(s, u_k) replaces the candidates' choice only if
+      Q_h(s, u*) < min_c Q_h(s, c) - g        (g = ``proposal_gain``),
+  since the lowest of K + N noisy estimates is biased low. ``proposal_snap`` p sets each coordinate of a proposal to
+  its sign with probability p; ``proposal_vertices`` scores the box's 2^act_dim vertices beside them.
+* ``cost_tiebreak`` e > 0 with a ``cost_critic`` (discounted cost Q_c): where V_h(s) > 0 (a violation the critic
+  deems unavoidable, e.g. inside a hazard) every action's Q_h scores the same worst violation, not its length, so
+  the lowest Q_h is decided by critic error (and braking at rest repeats the state). There the action is
+      argmin_{a in P} Q_c(s, a)  over  P = {a : Q_h(s, a) <= min_a' Q_h(s, a') + e},
+  a among the candidates (and the proposals where scored): the tie is broken by the shortest violation.
+* ``ema_warmup``: tau_k = max(ema_tau, 9 / (10 + k)) (the random initialisation forgotten within the first updates
+  of a short run). It reaches ema_tau = 0.001 at k = 8990; over 6000 updates tau ends at 9 / 6009 = 0.0015.
+* ``cosine_decay_steps`` shorter than the reference's 3M updates (the run's own length: decay to 0).
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 from typing import Callable, Literal, Optional, Union
 
@@ -41,21 +48,22 @@ from einops import rearrange, repeat
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_saferl.base import SafeRLModule
-from lightning_saferl.critics import FeasibilityCritic, RewardCritic
+from lightning_saferl.critics import CostCritic, FeasibilityCritic, RewardCritic
 from lightning_saferl.errors import InputError
 from lightning_saferl.nets import DDPMSchedule, NoiseResNet, polyak_update
 from lightning_saferl.policy import resolve_critic
 
 
-def ema_rate(update: int, ema_tau: float, warmup: bool = True) -> float:
-    """tau_k of EMA update k (0-based): max(ema_tau, 9 / (10 + k)) with warm-up, else ema_tau."""
+def ema_rate(update: int, ema_tau: float, warmup: bool = False) -> float:
+    """tau_k of EMA update k (0-based): ema_tau (the reference), or max(ema_tau, 9 / (10 + k)) with warm-up."""
     return max(ema_tau, 9.0 / (10.0 + update)) if warmup else ema_tau
 
 
 def fisor_weights(v_h: torch.Tensor, q_h: torch.Tensor, q: torch.Tensor, v: torch.Tensor,
                   infeasible_temperature: float = 5.0, infeasible_weight_max: float = 150.0,
                   feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0,
-                  infeasible_weight_min: float = 1.0, feasibility_margin: float = 0.0) -> torch.Tensor:
+                  infeasible_weight_min: float = 0.0, feasibility_margin: float = 0.0) -> torch.Tensor:
+    """Per-transition weights w of the module docstring (defaults: the official code's DSRL settings)."""
     infeasible = v_h > -feasibility_margin
     safe_action = ~infeasible & (q_h <= -feasibility_margin)
     w_infeasible = torch.exp(infeasible_temperature * (v_h - q_h)).clamp(infeasible_weight_min, infeasible_weight_max)
@@ -73,23 +81,28 @@ class FisorActor(SafeRLModule):
     _compile_devices: tuple[str, ...] = ("cuda",)
     _compile_options: dict = {"mode": "reduce-overhead"}
     acting_hparams = ("num_candidates", "select", "select_tolerance", "select_clearance", "uniform_proposals",
-                      "proposal_gain", "proposal_snap", "proposal_vertices")
+                      "proposal_gain", "proposal_snap", "proposal_vertices", "proposal_margin", "cost_tiebreak")
+    #: the critics an actor holds (init argument -> class): frozen, saved with the actor
+    critic_classes = {"feasibility_critic": FeasibilityCritic, "reward_critic": RewardCritic,
+                      "cost_critic": CostCritic}
 
     def __init__(self, obs_dim: int, act_dim: int,
                  feasibility_critic: Union[str, FeasibilityCritic, None] = None,
                  reward_critic: Union[str, RewardCritic, None] = None,
+                 cost_critic: Union[str, CostCritic, None] = None,
                  hidden_dim: int = 256, num_blocks: int = 3, dropout: float = 0.1, diffusion_steps: int = 5,
-                 lr: float = 3e-4, cosine_decay_steps: Optional[int] = None, ema_tau: float = 0.001,
-                 ema_warmup: bool = True,
+                 lr: float = 3e-4, cosine_decay_steps: Optional[int] = 3_000_000, ema_tau: float = 0.001,
+                 ema_warmup: bool = False,
                  num_candidates: int = 16, select: Literal["min_qh", "max_q"] = "min_qh",
                  select_tolerance: float = 0.0, select_clearance: float = 0.0, uniform_proposals: int = 0,
                  proposal_gain: float = 0.0, proposal_snap: float = 0.0, proposal_vertices: bool = False,
+                 proposal_margin: Optional[float] = None, cost_tiebreak: float = 0.0,
                  infeasible_temperature: float = 5.0, infeasible_weight_max: float = 150.0,
-                 infeasible_weight_min: float = 1.0, feasibility_margin: float = 0.0,
+                 infeasible_weight_min: float = 0.0, feasibility_margin: float = 0.0,
                  feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0,
                  weight_batch_size: int = 65536, compile: bool = False):
         super().__init__()
-        self.save_hyperparameters(ignore=["feasibility_critic", "reward_critic"])
+        self.save_hyperparameters(ignore=list(self.critic_classes))
         self.check_acting_hparams(self.hparams)
         self.lr, self.cosine_decay_steps = lr, cosine_decay_steps
         self.net = NoiseResNet(obs_dim, act_dim, hidden_dim, num_blocks, dropout)
@@ -97,12 +110,23 @@ class FisorActor(SafeRLModule):
         self.schedule = DDPMSchedule(diffusion_steps)
         self.feasibility_critic = resolve_critic(feasibility_critic, FeasibilityCritic)
         self.reward_critic = resolve_critic(reward_critic, RewardCritic)
+        self.cost_critic = resolve_critic(cost_critic, CostCritic)
+
+    @classmethod
+    def hparam(cls, hparams: dict, name: str):
+        """hparams[name], or `__init__`'s default where it is missing (a checkpoint saved before the option
+        existed): one source for every default."""
+        return hparams[name] if name in hparams else inspect.signature(cls.__init__).parameters[name].default
+
+    def _hp(self, name: str):
+        return self.hparam(self.hparams, name)
 
     @classmethod
     def check_acting_hparams(cls, hparams: dict) -> None:
-        candidates, select = hparams["num_candidates"], hparams["select"]
-        tolerance, clearance = hparams.get("select_tolerance", 0.0), hparams.get("select_clearance", 0.0)
-        proposals, gain = hparams.get("uniform_proposals", 0), hparams.get("proposal_gain", 0.0)
+        get = lambda name: cls.hparam(hparams, name)  # noqa: E731
+        candidates, select = get("num_candidates"), get("select")
+        tolerance, clearance = get("select_tolerance"), get("select_clearance")
+        proposals, gain = get("uniform_proposals"), get("proposal_gain")
         if candidates < 1:
             raise InputError(f"FisorActor: num_candidates must be >= 1, got {candidates}")
         if tolerance < 0 or clearance < 0:
@@ -113,16 +137,18 @@ class FisorActor(SafeRLModule):
                              f"{proposals} with select={select!r}")
         if gain < 0:
             raise InputError(f"FisorActor: proposal_gain must be >= 0, got {gain}")
-        snap = hparams.get("proposal_snap", 0.0)
+        snap = get("proposal_snap")
         if not 0 <= snap <= 1:
             raise InputError(f"FisorActor: proposal_snap is a probability in [0, 1], got {snap}")
-        if hparams.get("proposal_vertices", False) and proposals == 0:
+        if get("proposal_vertices") and proposals == 0:
             raise InputError("FisorActor: proposal_vertices needs uniform_proposals > 0 (they are scored together)")
+        if get("cost_tiebreak") < 0:
+            raise InputError(f"FisorActor: cost_tiebreak is a Q_h tolerance >= 0, got {get('cost_tiebreak')}")
 
     # -- critics are frozen passengers: kept in eval mode, saved with the actor so a checkpoint can act --
     def train(self, mode: bool = True):
         super().train(mode)
-        for frozen in (self.ema, self.feasibility_critic, self.reward_critic):
+        for frozen in (self.ema, *(getattr(self, name) for name in self.critic_classes)):
             if frozen is not None:
                 frozen.eval()
         return self
@@ -130,11 +156,10 @@ class FisorActor(SafeRLModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["critic_hparams"] = {name: dict(getattr(self, name).hparams)
-                                        for name in ("feasibility_critic", "reward_critic")
-                                        if getattr(self, name) is not None}
+                                        for name in self.critic_classes if getattr(self, name) is not None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        for name, cls in (("feasibility_critic", FeasibilityCritic), ("reward_critic", RewardCritic)):
+        for name, cls in self.critic_classes.items():
             hparams = checkpoint.get("critic_hparams", {}).get(name)
             if getattr(self, name) is None and hparams is not None:
                 setattr(self, name, cls(**hparams).requires_grad_(False))
@@ -153,7 +178,7 @@ class FisorActor(SafeRLModule):
                 self.feasibility_critic.value(obs), self.feasibility_critic.q_value(obs, act),
                 self.reward_critic.q_value(obs, act), self.reward_critic.value(obs),
                 h.infeasible_temperature, h.infeasible_weight_max, h.feasible_temperature, h.feasible_weight_max,
-                h.get("infeasible_weight_min", 1.0), h.get("feasibility_margin", 0.0)))
+                self._hp("infeasible_weight_min"), self._hp("feasibility_margin")))
         weights = torch.cat(chunks)
         rank_zero_info(f"FisorActor weights over {len(weights)} transitions: mean {weights.mean():.3f}, "
                        f"zero {(weights == 0).float().mean():.1%}")
@@ -161,7 +186,7 @@ class FisorActor(SafeRLModule):
 
     def _compiled(self, name: str, fn: Callable, device: torch.device) -> Callable:
         """`fn` itself, or its torch.compile'd version (made once) when `compile` is on and `device` qualifies."""
-        if not self.hparams.get("compile", False) or device.type not in self._compile_devices:
+        if not self._hp("compile") or device.type not in self._compile_devices:
             return fn
         cache = self.__dict__.setdefault("_compiled_fns", {})
         if name not in cache:
@@ -193,7 +218,7 @@ class FisorActor(SafeRLModule):
 
     def after_optimizer_step(self) -> None:
         # global_step does not count this update yet: it is update number global_step
-        tau = ema_rate(self.global_step, self.hparams.ema_tau, self.hparams.get("ema_warmup", False))
+        tau = ema_rate(self.global_step, self.hparams.ema_tau, self._hp("ema_warmup"))
         polyak_update(self.ema, self.net, tau)
 
     # -- acting ----------------------------------------------------------------------------------------
@@ -212,45 +237,69 @@ class FisorActor(SafeRLModule):
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
-        if self.hparams.num_candidates > 1 or self.hparams.get("uniform_proposals", 0) > 0:
+        if self._hp("num_candidates") > 1 or self._hp("uniform_proposals") > 0:
             if self.hparams.select == "min_qh" and self.feasibility_critic is None:
                 raise InputError("select='min_qh' needs a feasibility critic")
             if self.hparams.select != "min_qh" and self.reward_critic is None:
                 raise InputError("select='max_q' needs a reward critic")
-            if self.hparams.get("select_tolerance", 0.0) > 0 and self.reward_critic is None:
+            if self._hp("select_tolerance") > 0 and self.reward_critic is None:
                 raise InputError("select_tolerance > 0 needs a reward critic")
-        if self.hparams.get("uniform_proposals", 0) > 0:
+            if self._hp("cost_tiebreak") > 0 and (self.cost_critic is None or self.feasibility_critic is None):
+                raise InputError("cost_tiebreak > 0 needs a cost critic and a feasibility critic")
+        if self._hp("uniform_proposals") > 0:
             return self._act_with_proposals(obs)
         return self._compiled("act", self._act, obs.device)(obs).clone()  # clone: CUDA-graph outputs are reused
 
     def _act(self, obs: torch.Tensor) -> torch.Tensor:
-        """N candidates per observation, then `_choose`."""
-        return self._choose(obs, self.sample_candidates(obs, self.hparams.num_candidates))
+        """N candidates per observation, then `_choose` (and `_leave_soonest` with a cost tie-break)."""
+        candidates = self.sample_candidates(obs, self.hparams.num_candidates)
+        if self._hp("cost_tiebreak") == 0 or candidates.shape[1] == 1:
+            return self._choose(obs, candidates)
+        q_h = self._scores(self.feasibility_critic, obs, candidates)
+        return self._leave_soonest(obs, candidates, q_h, self._choose(obs, candidates, q_h))
 
     def _act_with_proposals(self, obs: torch.Tensor) -> torch.Tensor:
-        """As `_act`; at critic-infeasible states the safest of K uniform proposals (some coordinates snapped to the
-        bounds with `proposal_snap`; the box's vertices added with `proposal_vertices`) replaces the choice where it
-        beats every candidate's Q_h by more than `proposal_gain` (eager: the flagged rows are data-dependent)."""
+        """As `_act`; at critic-infeasible states (V_h > -proposal_margin) the safest of K uniform proposals (some
+        coordinates snapped to the bounds with `proposal_snap`; the box's vertices added with `proposal_vertices`)
+        replaces the choice where it beats every candidate's Q_h by more than `proposal_gain`; with a cost
+        tie-break, candidates and proposals form the pool of `_leave_soonest` (eager: the flagged rows are
+        data-dependent)."""
         h = self.hparams
         candidates = self.sample_candidates(obs, h.num_candidates)
         candidate_q_h = self._scores(self.feasibility_critic, obs, candidates)
         actions = self._choose(obs, candidates, candidate_q_h)
-        flagged = (self.feasibility_critic.value(obs) > -h.get("feasibility_margin", 0.0)).nonzero().squeeze(1)
+        margin = self._hp("proposal_margin")
+        margin = self._hp("feasibility_margin") if margin is None else margin
+        flagged = (self.feasibility_critic.value(obs) > -margin).nonzero().squeeze(1)
         proposals = torch.rand(len(flagged), h.uniform_proposals, h.act_dim, device=obs.device, dtype=obs.dtype)
         proposals = proposals * 2 - 1
-        if h.get("proposal_snap", 0.0) > 0:
+        if self._hp("proposal_snap") > 0:
             snapped = torch.rand_like(proposals) < h.proposal_snap
             proposals = torch.where(snapped, proposals.sign(), proposals)
-        if h.get("proposal_vertices", False):
+        if self._hp("proposal_vertices"):
             vertices = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=h.act_dim)), device=obs.device,
                                     dtype=obs.dtype)
             proposals = torch.cat((vertices.expand(len(flagged), -1, -1), proposals), dim=1)
         proposal_q_h = self._scores(self.feasibility_critic, obs[flagged], proposals)
         safest = proposal_q_h.argmin(dim=1)
         better = proposal_q_h.min(dim=1).values < \
-            candidate_q_h[flagged].min(dim=1).values - h.get("proposal_gain", 0.0)
+            candidate_q_h[flagged].min(dim=1).values - self._hp("proposal_gain")
         actions[flagged[better]] = proposals[better, safest[better]]
+        if self._hp("cost_tiebreak") > 0:
+            pool = torch.cat((candidates[flagged], proposals), dim=1)
+            pool_q_h = torch.cat((candidate_q_h[flagged], proposal_q_h), dim=1)
+            actions[flagged] = self._leave_soonest(obs[flagged], pool, pool_q_h, actions[flagged])
         return actions
+
+    def _leave_soonest(self, obs: torch.Tensor, pool: torch.Tensor, pool_q_h: torch.Tensor,
+                       chosen: torch.Tensor) -> torch.Tensor:
+        """(B, obs_dim), (B, P, act_dim), (B, P), (B, act_dim) -> (B, act_dim): where V_h(s) > 0, the lowest-Q_c
+        action among those within `cost_tiebreak` of the pool's lowest Q_h (module docstring); `chosen` elsewhere."""
+        q_c = self._scores(self.cost_critic, obs, pool)
+        ties = pool_q_h <= pool_q_h.min(dim=1, keepdim=True).values + self.hparams.cost_tiebreak
+        shortest = pool[torch.arange(obs.shape[0], device=obs.device), q_c.masked_fill(~ties, float("inf")).argmin(1)]
+        infeasible = self.feasibility_critic.value(obs) > 0
+        return torch.where(infeasible[:, None], shortest, chosen)
 
     @staticmethod
     def _scores(critic, obs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -269,11 +318,11 @@ class FisorActor(SafeRLModule):
         if self.hparams.select == "min_qh":
             q_h = self._scores(self.feasibility_critic, obs, candidates) if q_h is None else q_h
             scores = -q_h
-            tolerance = self.hparams.get("select_tolerance", 0.0)
+            tolerance = self._hp("select_tolerance")
             if tolerance > 0:  # the band B of the module docstring: highest Q in it, lowest Q_h where it is empty
                 q = self._scores(self.reward_critic, obs, candidates)
                 band = (q_h <= q_h.min(dim=1, keepdim=True).values + tolerance) \
-                    & (q_h <= -self.hparams.get("select_clearance", 0.0))
+                    & (q_h <= -self._hp("select_clearance"))
                 scores = torch.where(band.any(dim=1, keepdim=True), q.masked_fill(~band, float("-inf")), scores)
         else:
             scores = self._scores(self.reward_critic, obs, candidates)

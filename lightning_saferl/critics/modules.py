@@ -1,18 +1,21 @@
 """Critic LightningModules: a Q ensemble and a V network trained together with one optimiser.
 
-    L = L_V + L_Q,   L_Q = sum_members mean_b (Q_i(s, a) - y)^2,   y built from V(s') (no gradient),
+    L = L_V + L_Q,   L_Q = mean_members mean_b (Q_i(s, a) - y)^2,   y built from V(s') (no gradient),
     L_V = expectile loss of (Q_target(s, a) - V(s))   with Q_target = reduce_members(target Q) (no gradient).
-Target Q networks follow Q by Polyak averaging after each optimiser step.
+Target Q networks follow Q by Polyak averaging after each optimiser step. L_Q averages over the members as the
+official FISOR code does (ZhengYinan-AIR/FISOR @2097e8b, jaxrl5/agents/fisor/fisor.py: `((qs - target_q) ** 2).mean()`).
 
 RewardCritic      IQL: reduce = min, y = r + gamma mask V(s'), upper expectile.
 CostCritic        discounted cost, pessimistic: reduce = max, y = c + gamma mask V_c(s'), upper expectile.
 FeasibilityCritic HJ reachability: reduce = max, y = hj_target(h, V_h(s')), reversed expectile;
-                  a state is feasible when V_h(s) <= 0.
+                  a state is feasible when V_h(s) <= 0. With ``failure_violation`` v (off: None, the reference),
+                  a failed termination (the batch's ``failures``, e.g. PointRobot leaving its arena) takes
+                  y = max(h, v) instead of h: the episode's end is not mistaken for safety.
 """
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -20,6 +23,7 @@ from lightning_saferl.base import SafeRLModule
 from lightning_saferl.critics.losses import (
     constraint_signal, expectile_loss, hj_target, reversed_expectile_loss, td_target,
 )
+from lightning_saferl.errors import InputError
 from lightning_saferl.nets import QEnsemble, ValueNet, polyak_update
 
 
@@ -42,6 +46,10 @@ class _QVCritic(SafeRLModule):
     def target(self, signal: torch.Tensor, next_value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return td_target(signal, next_value, mask, self.discount)
 
+    def batch_target(self, batch: dict) -> torch.Tensor:
+        """The Q regression target y of a batch (no gradient)."""
+        return self.target(self.signal(batch), self.v(batch["next_observations"]), batch["masks"])
+
     def value_loss(self, diff: torch.Tensor) -> torch.Tensor:
         return expectile_loss(diff, self.expectile)
 
@@ -58,11 +66,11 @@ class _QVCritic(SafeRLModule):
         obs, act = batch["observations"], batch["actions"]
         with torch.no_grad():
             q_target = self.q_value(obs, act)
-            y = self.target(self.signal(batch), self.v(batch["next_observations"]), batch["masks"])
+            y = self.batch_target(batch)
         v = self.v(obs)
         qs = self.q(obs, act)
         losses = {"value_loss": self.value_loss(q_target - v),
-                  "q_loss": (qs - y).square().mean(dim=1).sum()}
+                  "q_loss": (qs - y).square().mean()}
         return losses, {"q_mean": qs.detach().mean(), "v_mean": v.detach().mean()}
 
     def after_optimizer_step(self) -> None:
@@ -91,15 +99,22 @@ class FeasibilityCritic(_QVCritic):
     """Hamilton-Jacobi feasibility critic: Q_h max over members, V_h by reversed expectile, V_h(s) <= 0 feasible.
 
     h is the dataset's `constraint_values` when present and `use_constraint_values`, else
-    +cost_scale where cost > 0 and -1 elsewhere."""
+    +cost_scale where cost > 0 and -1 elsewhere. ``failure_violation`` (module docstring; None, the reference, keeps
+    y = h at every termination) needs the data module's ``failures`` column (PointRobot: out-of-bounds terminations).
+    """
 
     reduce_members = "max"
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256), num_q: int = 2,
                  expectile: float = 0.9, discount: float = 0.99, tau: float = 0.005, lr: float = 3e-4,
-                 cost_scale: float = 25.0, use_constraint_values: bool = True):
+                 cost_scale: float = 25.0, use_constraint_values: bool = True,
+                 failure_violation: Optional[float] = None):
         super().__init__(obs_dim, act_dim, hidden_dims, num_q, expectile, discount, tau, lr)
+        if failure_violation is not None and failure_violation <= 0:
+            raise InputError(f"FeasibilityCritic: failure_violation is a violation (h > 0) or null, got "
+                             f"{failure_violation}")
         self.cost_scale, self.use_constraint_values = cost_scale, use_constraint_values
+        self.failure_violation = failure_violation
 
     @property
     def feasibility_critic(self) -> "FeasibilityCritic":
@@ -112,6 +127,15 @@ class FeasibilityCritic(_QVCritic):
 
     def target(self, signal: torch.Tensor, next_value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return hj_target(signal, next_value, mask, self.discount)
+
+    def batch_target(self, batch: dict) -> torch.Tensor:
+        y = super().batch_target(batch)
+        if self.failure_violation is None:
+            return y
+        if "failures" not in batch:
+            raise InputError("FeasibilityCritic: failure_violation needs the batch's 'failures' column (the data "
+                             "module gives it for PointRobot); set failure_violation: null for this task")
+        return torch.where(batch["failures"] > 0, y.clamp(min=self.failure_violation), y)
 
     def value_loss(self, diff: torch.Tensor) -> torch.Tensor:
         return reversed_expectile_loss(diff, self.expectile)

@@ -2,7 +2,8 @@
 
 Each training batch is ``batch_size`` row indices drawn uniformly from [0, N) with ``torch.randint`` on the
 device holding the data, then gathered from tensors placed there once (no workers, no per-sample Python).
-An epoch is exactly ``steps_per_epoch`` batches.
+An epoch is exactly ``steps_per_epoch`` batches. A batch holds the transition columns, ``masks``, ``index`` and, where
+the task has a rule for them (`failed_terminations`: PointRobot's out-of-bounds ends), ``failures``.
 
 Sequence mode (``sequence_length=K``, for Decision-Transformer-like models): a drawn row e is the LAST step of a
 window of the K rows e-K+1..e cut at e's episode start; a window of an episode's first k < K steps is left-padded
@@ -32,7 +33,8 @@ from lightning_saferl.data.format import DatasetError, Transitions, read_dataset
 from lightning_saferl.data.tasks import TaskSpec, get_task
 from lightning_saferl.errors import InputError
 
-__all__ = ["OfflineDataModule", "default_cache_dir", "point_robot_dataset_path", "rank_stream_key"]
+__all__ = ["OfflineDataModule", "default_cache_dir", "failed_terminations", "point_robot_dataset_path",
+           "rank_stream_key"]
 
 _MASK64 = (1 << 64) - 1
 _SEED_RANGE = 1 << 32  # Lightning's seeds: [0, 2^32)
@@ -48,6 +50,17 @@ def point_robot_dataset_path(cache_dir: Union[str, Path], num_transitions: int, 
                              behavior: str = "mixed") -> Path:
     """File name of a generated PointRobot dataset, named by its generation parameters."""
     return Path(cache_dir) / f"PointRobot-v0_{behavior}_n{num_transitions}_seed{seed}.hdf5"
+
+
+def failed_terminations(task: TaskSpec, data: Transitions) -> Optional[torch.Tensor]:
+    """(N,) float32, 1 at terminations the task counts as failures, or None for tasks without such a rule.
+    PointRobot: a termination whose next state is out of bounds (the other termination is the goal)."""
+    if task.simulator != "point_robot":
+        return None
+    from lightning_saferl.envs import point_robot as pr
+
+    left = pr.out_of_bounds(pr.state_from_observation(data.next_observations.double()))
+    return ((data.terminals > 0) & left).to(torch.float32)
 
 
 def _stream_seed(base: int, step: int) -> int:
@@ -174,6 +187,7 @@ class OfflineDataModule(pl.LightningDataModule):
         self.reward_scale = self.task_spec.reward_scale_factor if scale_reward else 1.0
         self._data: Optional[Transitions] = None
         self._masks: Optional[torch.Tensor] = None
+        self._failures: Optional[torch.Tensor] = None
         self.sequence_length = None if sequence_length is None else int(sequence_length)
         self._episode_columns: Optional[dict[str, torch.Tensor]] = None
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -257,6 +271,7 @@ class OfflineDataModule(pl.LightningDataModule):
             self.obs_dim, self.act_dim = data.obs_dim, data.act_dim
             self._data = data
             self._masks = data.mask
+            self._failures = failed_terminations(self.task_spec, data)
         return self._data
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -282,6 +297,8 @@ class OfflineDataModule(pl.LightningDataModule):
         if data.device != device:
             self._data = data.to(device)
             self._masks = self._masks.to(device)
+            if self._failures is not None:
+                self._failures = self._failures.to(device)
         return self._data
 
     # ----------------------------------------------------------------- sampling
@@ -298,6 +315,8 @@ class OfflineDataModule(pl.LightningDataModule):
         }
         if data.constraint_values is not None:
             cols["constraint_values"] = data.constraint_values
+        if self._failures is not None:
+            cols["failures"] = self._failures
         return cols
 
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,87 @@
+"""benchmarks/fisor_point_robot.py's plumbing: its recipe steps (the published method, each departure in turn, the
+variant) and one seed's figures at smoke size on a tiny file."""
+import argparse
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_saferl.envs import point_robot as pr
+from lightning_saferl.envs.oracle import escape_margin
+from lightning_saferl.pipeline import _Plan, parse_args
+from tiny_data import write_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("fisor_bench", ROOT / "benchmarks" / "fisor_point_robot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(bench, tmp_path, **kwargs):
+    values = dict(recipe=str(bench.RECIPE), reference_recipe=str(bench.REFERENCE_RECIPE), set=[], ablation=False,
+                  quick=True, standard_episodes=2, bc_steps=5, random_episodes=3, start_seed=0,
+                  run_dir=str(tmp_path / "bench"))
+    return argparse.Namespace(**{**values, **kwargs})
+
+
+def test_the_ablation_goes_from_the_published_recipe_to_the_variant(bench, tmp_path):
+    steps = bench.recipe_steps(_args(bench, tmp_path, ablation=True))
+    assert steps[0] == ("published", str(bench.REFERENCE_RECIPE), [])
+    assert steps[-1] == ("fisor_guard", str(bench.RECIPE), [])
+    assert [name for name, _, _ in steps[1:-1]] == [f"+{name}" for name, _ in bench.ABLATION]
+    assert all(set(a[2]) < set(b[2]) for a, b in zip(steps[1:-2], steps[2:-1]))  # cumulative
+    # the last departure step is the variant without its cost critic: the same critics (config records, so a run
+    # reuses them) and the same actor but for the tie-break and its input
+    tiny = write_tiny(tmp_path / "tiny.hdf5")
+    last, variant = (_Plan(parse_args(["--config", recipe, *(f"--{s}" for s in settings), "--data.path", tiny]))
+                     for _, recipe, settings in steps[-2:])
+    assert set(variant.names) - set(last.names) == {"cost_critic"}
+    assert all(last.records[name] == variant.records[name] for name in ("feasibility_critic", "reward_critic"))
+    ours, theirs = last.parsed["actor"], variant.parsed["actor"]
+    theirs_args, ours_args = theirs.model.init_args.as_dict(), ours.model.init_args.as_dict()
+    assert {k for k in theirs_args if theirs_args[k] != ours_args[k]} == {"cost_tiebreak"}
+    assert ours_args["cost_tiebreak"] == 0 and set(ours_args) == set(theirs_args)
+    assert theirs.trainer == ours.trainer and theirs.data == ours.data
+    assert bench.recipe_steps(_args(bench, tmp_path))[1:] == [("fisor_guard", str(bench.RECIPE), [])]
+
+
+@pytest.mark.slow  # two smoke pipelines and eight short evaluations: minutes on 2 shared cores
+def test_one_seed_reports_the_variant_the_published_recipe_and_the_baselines(bench, tmp_path, monkeypatch):
+    tiny = write_tiny(tmp_path / "tiny.hdf5")
+    monkeypatch.setattr(bench, "parse_args", lambda argv: parse_args([*argv, "--data.path", tiny]))
+    monkeypatch.setattr(bench, "train_bc", lambda cls, steps, seed_dir, seed, behavior: cls(pr.OBS_DIM, pr.ACT_DIM))
+    starts = torch.tensor([[-1.8, 0.0, 1.0, math.pi / 4], [1.5, -1.2, 1.5, math.pi / 2]], dtype=torch.float64)
+    observations = pr.observe(starts).float()
+    data = {"starts": [{"state": s.tolist()} for s in starts], "escape_margin": escape_margin(starts).numpy(),
+            "tight_starts": starts[:0], "observations": observations,
+            "oracle": torch.ones(2, dtype=torch.bool), "hazard": torch.zeros(2, dtype=torch.bool)}
+    figures = bench.run_seed(0, "mixed", data, _args(bench, tmp_path), tmp_path / "bench")
+    assert list(figures["steps"]) == ["published", "fisor_guard"]
+    assert set(bench.SUMMARY_KEYS) <= set(figures)
+    assert figures["random_start_cost"] == figures["steps"]["fisor_guard"]["random_start_cost"]
+    assert figures["reference_random_start_cost"] == figures["steps"]["published"]["random_start_cost"]
+    for step in figures["steps"].values():
+        assert set(bench.STEP_KEYS) <= set(step) and step["standard_start_episodes"] == 2
+        assert step["random_start_normalized_cost@0"] == pytest.approx(step["random_start_cost"] + 1)
+        assert step["random_start_normalized_cost@5"] == pytest.approx(step["random_start_cost"] / 5)
+    # the variant's run started from the published one's: its reward critic (same config) was not retrained
+    published, variant = (tmp_path / "bench" / "mixed" / "seed0" / name / "reward_critic" / "model.ckpt"
+                          for name in ("published", "fisor_guard"))
+    assert torch.load(published, weights_only=True)["state_dict"].keys() == \
+        torch.load(variant, weights_only=True)["state_dict"].keys()
+    assert published.read_bytes() == variant.read_bytes()
+    summary = bench.summarize_dataset("mixed", {**data, "trivial_grid": {"shadow_recall": 0, "iou": 0,
+                                                                         "false_infeasible_rate": 0},
+                                                "trivial_data": {"shadow_recall": 0}, "stats": {},
+                                                "one_step_rule_greedy": 0.0}, {0: figures}, [0])
+    assert {"random_start_cost_mean", "bc_safe_random_start_cost_mean", "bc_all_random_start_cost_mean",
+            "reference_feasible_start_violation_rate_mean", "reference_goal_rate_mean",
+            "reference_random_start_cost_mean", "feasible_start_violation_rate_mean"} <= set(summary)
+    assert set(summary["ablation"]) == {"published", "fisor_guard"}
