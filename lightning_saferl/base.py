@@ -11,8 +11,8 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from lightning_saferl.data.datamodule import _stream_seed
 from lightning_saferl.errors import InputError
+from lightning_saferl.seeding import seed_generators, step_seed
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -32,23 +32,6 @@ class NonFiniteLossError(FloatingPointError):
 def cosine_decay(step: int, decay_steps: int) -> float:
     """Learning-rate factor 0.5 (1 + cos(pi min(step, decay_steps) / decay_steps)): 1 -> 0, then 0."""
     return 0.5 * (1.0 + math.cos(math.pi * min(step, decay_steps) / decay_steps))
-
-
-def step_seed(seed: int, rank: int, step: int, micro_batch: int = 0) -> int:
-    """Seed of torch's generators for one training batch: a splitmix64 chain over (seed, rank, step, micro-batch),
-    63 bits. `step` counts optimiser steps; `micro_batch` is the batch's place in a gradient-accumulation window."""
-    return _stream_seed(_stream_seed(_stream_seed(seed, rank), step), micro_batch)
-
-
-def seed_generators(seed: int, device: torch.device) -> None:
-    """Seed the CPU generator and `device`'s own (~10 us). Not `torch.manual_seed`: for every accelerator type that is
-    not initialised it records a lazy seed call with a formatted stack trace, 0.2-0.6 ms per call on CPU."""
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()] \
-            .manual_seed(seed)
-    elif device.type != "cpu":
-        torch.get_device_module(device).manual_seed(seed)
 
 
 class SafeRLModule(L.LightningModule):
@@ -159,11 +142,10 @@ class SafeRLModule(L.LightningModule):
         self._evaluate(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        """Losses on held batches; for policies also episodes on the task's environment (once)."""
+        """Losses on held batches; for policies (modules with `act`, the `Policy` protocol) also episodes on the
+        task's environment (once)."""
         self._evaluate(batch, "test")
-        from lightning_saferl.policy import Policy
-
-        if batch_idx == 0 and isinstance(self, Policy):
+        if batch_idx == 0 and callable(getattr(self, "act", None)):
             from lightning_saferl.evaluation import EpisodeRunner
 
             metrics = EpisodeRunner(self.trainer.datamodule.task, episodes=self.test_episodes).run(self)

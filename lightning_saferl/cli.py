@@ -25,109 +25,45 @@ traceback. Any other error is a bug or an environment problem and shows its trac
 """
 from __future__ import annotations
 
-import os
 import sys
-from argparse import ArgumentError
+from importlib import import_module
 from typing import Optional
 
+from lightning_saferl.command import run_command, split_debug
 from lightning_saferl.errors import InputError
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
-DEBUG_HINT = " (--debug shows the traceback)"
+_LIGHTNING = ("lightning_saferl.lightning_cli", "lightning_main", True)
+#: every command: (module, function, whether the function takes the command name too: LightningCLI's subcommands,
+#: which `lightning_cli` takes from `LightningCLI.subcommands()`); the function takes the arguments after the command
+COMMANDS = {
+    "fit": _LIGHTNING,
+    "validate": _LIGHTNING,
+    "test": _LIGHTNING,
+    "predict": _LIGHTNING,
+    "pipeline": ("lightning_saferl.pipeline", "pipeline_main", False),
+    "collect": ("lightning_saferl.data.collect", "collect_main", False),
+    "evaluate": ("lightning_saferl.evaluate", "evaluate_main", False),
+    "build-dataset": ("lightning_saferl.data.build", "build_main", False),
+    "sweep": ("lightning_saferl.sweep", "sweep_main", False),
+    "table": ("lightning_saferl.table", "table_main", False),
+}
 
 
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """Errors printed as one line: the project's input errors, option parsing errors, Lightning's configuration
-    errors, a non-finite loss and a missing simulator. (Imported when needed: Lightning is slow to import.)"""
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-    from lightning_saferl.base import NonFiniteLossError
-    from lightning_saferl.envs.dsrl import SimulatorNotInstalledError
-
-    return InputError, ArgumentError, MisconfigurationException, NonFiniteLossError, SimulatorNotInstalledError
-
-
-def _raised_by(err: BaseException, package: str) -> bool:
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and f"{os.sep}{package}{os.sep}" in tb.tb_frame.f_code.co_filename
-
-
-def _expected_cause(err: BaseException, expected: tuple[type[BaseException], ...]) -> Optional[BaseException]:
-    """The innermost expected error among `err` and the errors it re-raises in jsonargparse's words; None if there
-    is none: a bug. jsonargparse wraps the errors of the classes it builds from the user's config: a ValueError
-    from such a constructor is the class rejecting its configured arguments, so it counts as input too."""
-    found = err if isinstance(err, expected) else None
-    while err.__cause__ is not None and _raised_by(err, "jsonargparse"):
-        err = err.__cause__
-        if isinstance(err, expected) or (isinstance(err, ValueError) and not _raised_by(err, "jsonargparse")):
-            found = err
-    return found
-
-
-def _how_to_resume(command: str, stop: SystemExit) -> str:
-    """What a run stopped by SIGTERM saved, and how to go on: a pipeline resumes by running the same command
-    again (every stage from its newest last.ckpt); `fit` takes the saved state as --ckpt_path."""
-    saved = getattr(stop, "last_checkpoint", None)
-    if command == "pipeline":
-        return f"{f'state saved to {saved}; ' if saved else ''}rerun the same command to resume"
-    return f"state saved to {saved}: pass it as --ckpt_path to resume" if saved else "no checkpoint written"
+def _dispatch(command: str, argv: list[str]) -> None:
+    """Import the command's module (only that one: Lightning is slow to import) and run it on `argv`."""
+    if command not in COMMANDS:
+        raise InputError(f"unknown command {command!r}; choose from {', '.join(COMMANDS)} (each takes --help)")
+    module, function, with_name = COMMANDS[command]
+    getattr(import_module(module), function)(argv if with_name else argv[1:])
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = os.environ.get("LIGHTNING_SAFERL_DEBUG") == "1" or "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
+    debug, argv = split_debug(list(sys.argv[1:] if argv is None else argv))
     command = argv[0] if argv else "--help"
     if command in ("-h", "--help"):
         print(__doc__.strip())
         return
-    try:
-        if command not in (*SUBCOMMANDS, "pipeline", "collect", "evaluate", "build-dataset", "sweep", "table"):
-            raise InputError(f"unknown command {command!r}; choose from fit, validate, test, pipeline, collect, "
-                             "evaluate, build-dataset, sweep, table (each takes --help)")
-        if command == "collect":
-            from lightning_saferl.data.collect import collect_main
-
-            collect_main(argv[1:])
-        elif command == "evaluate":
-            from lightning_saferl.evaluate import evaluate_main
-
-            evaluate_main(argv[1:])
-        elif command == "build-dataset":
-            from lightning_saferl.data.build import build_main
-
-            build_main(argv[1:])
-        elif command == "pipeline":
-            from lightning_saferl.pipeline import pipeline_main
-
-            pipeline_main(argv[1:])
-        elif command == "sweep":
-            from lightning_saferl.sweep import sweep_main
-
-            sweep_main(argv[1:])
-        elif command == "table":
-            from lightning_saferl.table import table_main
-
-            table_main(argv[1:])
-        else:
-            from lightning_saferl.lightning_cli import lightning_main
-
-            lightning_main(argv)
-    except SystemExit as stop:
-        lightning_exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")  # loaded if it can raise
-        if lightning_exceptions is None or not isinstance(stop, lightning_exceptions.SIGTERMException):
-            raise
-        print(f"lightning-saferl {command}: stopped by SIGTERM; {_how_to_resume(command, stop)}", file=sys.stderr)
-        sys.exit(143)
-    except Exception as err:
-        cause = _expected_cause(err, expected_errors())
-        if debug or cause is None:
-            raise
-        message = " ".join(str(cause).split())  # one line, whatever the library's formatting
-        print(f"lightning-saferl {command}: error: {message}{DEBUG_HINT}", file=sys.stderr)
-        sys.exit(2)
+    run_command(command, lambda: _dispatch(command, argv), debug)
 
 
 if __name__ == "__main__":

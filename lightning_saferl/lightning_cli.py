@@ -21,7 +21,6 @@ from lightning_saferl.data.datamodule import OfflineDataModule
 from lightning_saferl.errors import InputError, WrongTypeError
 from lightning_saferl.runs import check_training_length, register_resolvers, trainer_arguments, write_run_record
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_DATA = "lightning_saferl.data.datamodule.OfflineDataModule"
 
 
@@ -69,7 +68,7 @@ class SafeRLCLI(LightningCLI):
                          args=args, save_config_callback=SaveRunConfig,
                          save_config_kwargs={"overwrite": True, "command": ["lightning-saferl", *args]},
                          seed_everything_default=0,
-                         parser_kwargs={**no_exit, **{name: dict(no_exit) for name in SUBCOMMANDS}})
+                         parser_kwargs={**no_exit, **{name: dict(no_exit) for name in self.subcommands()}})
 
     def add_arguments_to_parser(self, parser) -> None:
         # the datamodule is built first; its dims (resolving the file if needed) are the model's
@@ -131,7 +130,7 @@ class SafeRLCLI(LightningCLI):
 
 def _model_from_checkpoint(argv: list[str]) -> list[str]:
     """`<subcommand> --ckpt_path X` without --model / --config: add `--model <class in X>`."""
-    if not argv or argv[0] not in SUBCOMMANDS:
+    if not argv or argv[0] not in LightningCLI.subcommands():
         return argv
     if any(a in ("--model", "-c", "--config") or a.startswith(("--model=", "--config=")) for a in argv):
         return argv

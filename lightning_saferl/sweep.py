@@ -173,7 +173,7 @@ def run_cell(argv: list[str], run_dir: str, cwd: Optional[str] = None) -> dict[s
     """Run one pipeline in this process with its output appended to `<run_dir>/log.txt`, in the sweep's working
     directory `cwd` where this machine has it (relative paths in recipes); never raises.
     Returns {"ok", "seconds", "error", "log", "summary"}."""
-    from lightning_saferl.cli import main
+    from lightning_saferl.command import run_command, split_debug
 
     if cwd and os.path.isdir(cwd):
         os.chdir(cwd)
@@ -185,7 +185,10 @@ def run_cell(argv: list[str], run_dir: str, cwd: Optional[str] = None) -> dict[s
     with _output_to(log):
         print(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} lightning-saferl pipeline {' '.join(argv)}", flush=True)
         try:
-            main(["pipeline", *argv])
+            from lightning_saferl.pipeline import pipeline_main
+
+            debug, pipeline_argv = split_debug(argv)
+            run_command("pipeline", lambda: pipeline_main(pipeline_argv), debug)
             ok = True
         except SystemExit as stop:
             ok = stop.code in (0, None)

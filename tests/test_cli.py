@@ -184,3 +184,19 @@ def test_bad_values_in_modules_and_commands_are_one_line_errors(tmp_path, capsys
         last = err.splitlines()[-1]  # after the seed's log line, the one-line error
         assert last.startswith(f"lightning-saferl {argv[0]}: error:") and name in last
     assert not (tmp_path / "x.hdf5").exists()
+
+
+def test_one_table_of_commands_and_lightning_s_own_subcommands(capsys):
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_saferl.cli import COMMANDS
+
+    passed_with_name = {name for name, (_, _, with_name) in COMMANDS.items() if with_name}
+    assert passed_with_name == set(LightningCLI.subcommands())  # the ones lightning_cli parses
+    for name, (module, function, _) in COMMANDS.items():
+        assert callable(getattr(__import__(module, fromlist=[function]), function)), name
+    with pytest.raises(SystemExit) as stop:
+        main(["fitt"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith("lightning-saferl fitt: error: unknown command 'fitt'; choose from "
+                                                   + ", ".join(COMMANDS))

@@ -71,8 +71,7 @@ def test_no_two_seeds_and_ranks_share_a_stream():
     noise (`step_seed`), judged on the 32 low bits that torch's CPU generator keeps of a seed (its first two
     steps' generator seeds; one step's seed may coincide by chance); a single process keeps the seed's own batch
     stream (rank 0's key is the seed)."""
-    from lightning_saferl.base import step_seed
-    from lightning_saferl.data.datamodule import _stream_seed, rank_stream_key
+    from lightning_saferl.seeding import rank_stream_key, step_seed, stream_seed
 
     a = torch.Generator().manual_seed(5)
     assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=torch.Generator().manual_seed(5 + 2 ** 32)))
@@ -80,7 +79,7 @@ def test_no_two_seeds_and_ranks_share_a_stream():
     pairs = [(seed, rank) for seed in range(1000) for rank in range(64)]
     keys = {rank_stream_key(seed, rank) for seed, rank in pairs}
     assert len(keys) == len(pairs)
-    assert len({(_stream_seed(key, 0) & low, _stream_seed(key, 1) & low) for key in keys}) == len(pairs)
+    assert len({(stream_seed(key, 0) & low, stream_seed(key, 1) & low) for key in keys}) == len(pairs)
     assert len({(step_seed(seed, rank, 0) & low, step_seed(seed, rank, 1) & low) for seed, rank in pairs}) == len(pairs)
     assert [rank_stream_key(seed, 0) for seed in (0, 7, 2 ** 32 - 1)] == [0, 7, 2 ** 32 - 1]
     with pytest.raises(ValueError, match=r"data.seed must be in \[0, 2\^32\).*got -1"):

@@ -3,7 +3,7 @@
 The test launches this file as a worker with ``python -m torch.distributed.run --nproc_per_node 2`` (one launch for
 all modules; each rank fits every module for one step with ``Trainer(strategy="ddp", devices=2)``) and records, per
 rank, the batch indices, the global RNG state as the module's loss sees it and the parameters after the step. Each
-rank's RNG state must be its own stream, `step_seed(seed, rank, step)` (base.py): ranks draw different diffusion
+rank's RNG state must be its own stream, `step_seed(seed, rank, step)` (seeding.py): ranks draw different diffusion
 noise, time steps and dropout masks. The single-process references are computed here from the same initial weights:
 
 * "halves": one Adam step on (L(batch_0) + L(batch_1)) / 2, each half's loss evaluated with that rank's RNG state.
@@ -283,7 +283,7 @@ def ddp_run(tmp_path_factory):
 
 @pytest.mark.parametrize("name", MODULES)
 def test_ddp_step_equals_single_process(name, ddp_run):
-    from lightning_saferl.base import step_seed
+    from lightning_saferl.seeding import step_seed
 
     data_path, records, _, _ = ddp_run
     rank0, rank1 = records[name]

@@ -12,9 +12,9 @@ import torch
 
 from lightning_saferl.actors.drcorl import BehaviorDiffusion
 from lightning_saferl.actors.fisor import FisorActor, ema_rate
-from lightning_saferl.base import step_seed
 from lightning_saferl.critics import FeasibilityCritic, RewardCritic
 from lightning_saferl.data.datamodule import OfflineDataModule
+from lightning_saferl.seeding import step_seed
 from tiny_data import write_tiny
 
 OBS, ACT, ACCUMULATE, BATCHES, TAU = 11, 2, 4, 8, 0.5

@@ -22,7 +22,8 @@ import lightning.pytorch  # noqa: F401  (before any test: its log handler then w
 import torch
 import yaml
 
-from lightning_saferl.cli import DEBUG_HINT, main
+from lightning_saferl.cli import main
+from lightning_saferl.command import DEBUG_HINT
 from lightning_saferl.data.format import DatasetError, write_dataset
 from lightning_saferl.policy import load_module
 

@@ -32,12 +32,9 @@ from lightning_saferl.data.download import dsrl_dataset_dir, mirror_base, resolv
 from lightning_saferl.data.format import DatasetError, Transitions, read_dataset, read_dims
 from lightning_saferl.data.tasks import TaskSpec, get_task
 from lightning_saferl.errors import InputError
+from lightning_saferl.seeding import SEED_RANGE, rank_stream_key, stream_seed
 
-__all__ = ["OfflineDataModule", "default_cache_dir", "failed_terminations", "point_robot_dataset_path",
-           "rank_stream_key"]
-
-_MASK64 = (1 << 64) - 1
-_SEED_RANGE = 1 << 32  # Lightning's seeds: [0, 2^32)
+__all__ = ["OfflineDataModule", "default_cache_dir", "failed_terminations", "point_robot_dataset_path"]
 
 
 def default_cache_dir() -> Path:
@@ -61,20 +58,6 @@ def failed_terminations(task: TaskSpec, data: Transitions) -> Optional[torch.Ten
 
     left = pr.out_of_bounds(pr.state_from_observation(data.next_observations.double()))
     return ((data.terminals > 0) & left).to(torch.float32)
-
-
-def _stream_seed(base: int, step: int) -> int:
-    """splitmix64 hash of (base, step), truncated to 63 bits: the generator seed of one batch."""
-    z = (base * 0x9E3779B97F4A7C15 + step + 1) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 1
-
-
-def rank_stream_key(seed: int, rank: int) -> int:
-    """Key of the batch stream of DDP rank `rank` under seed `seed`: seed + rank 2^32, one-to-one over seeds in
-    [0, 2^32) and ranks < 2^31 (rank 0: the seed itself)."""
-    return seed + rank * _SEED_RANGE
 
 
 class _EpochBatches:
@@ -165,7 +148,7 @@ class OfflineDataModule(pl.LightningDataModule):
             raise InputError(f"data.path is empty ({path!r}): give a dataset file, or null for the task's own data")
         if sequence_length is not None and sequence_length < 1:
             raise InputError(f"data.sequence_length must be >= 1 (or null for transitions), got {sequence_length}")
-        if not 0 <= int(seed) < _SEED_RANGE:
+        if not 0 <= int(seed) < SEED_RANGE:
             raise InputError(f"data.seed must be in [0, 2^32) (Lightning's seed range), got {seed}")
         self.save_hyperparameters()
         self.task_spec: TaskSpec = get_task(task)
@@ -377,7 +360,7 @@ class OfflineDataModule(pl.LightningDataModule):
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
-        gen.manual_seed(_stream_seed(rank_stream_key(self.seed, self.global_rank), step))
+        gen.manual_seed(stream_seed(rank_stream_key(self.seed, self.global_rank), step))
         return gen
 
     def sample_indices(self, step: int, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -415,7 +398,7 @@ class OfflineDataModule(pl.LightningDataModule):
     def _evaluation_batches(self, stream: int) -> _FixedBatches:
         """One fixed batch (its own seeded stream, independent of training) for validate / test losses."""
         data = self._on_device(self.training_device())
-        gen = torch.Generator(device="cpu").manual_seed(_stream_seed(self.seed, -stream))
+        gen = torch.Generator(device="cpu").manual_seed(stream_seed(self.seed, -stream))
         index = torch.randint(0, len(data), (self.batch_size,), generator=gen).to(data.device)
         return _FixedBatches([self.batch(index)])
 
