@@ -11,7 +11,8 @@ import yaml
 
 import lightning_saferl.envs
 from lightning_saferl.actors import CPQ, BCQLag, COptiDICE
-from lightning_saferl.actors.bcq_lag import PIDLagrangian, cost_threshold
+from lightning_saferl.actors.bcq_lag import PIDLagrangian
+from lightning_saferl.actors.common import cost_threshold
 from lightning_saferl.cli import main
 from lightning_saferl.policy import load_policy
 from tiny_data import write_tiny

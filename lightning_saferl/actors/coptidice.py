@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_saferl.actors.bcq_lag import CostLimitedModule
+from lightning_saferl.actors.common import CostLimitedModule
 from lightning_saferl.errors import InputError
 from lightning_saferl.nets import EnsembleMLP, QEnsemble, TanhGaussianPolicy, polyak_update
 

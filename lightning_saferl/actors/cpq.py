@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from lightning_saferl.actors.bcq_lag import ActionVAE, CostLimitedModule, frozen_call
+from lightning_saferl.actors.common import ActionVAE, CostLimitedModule, frozen_call
 from lightning_saferl.errors import InputError
 from lightning_saferl.nets import QEnsemble, TanhGaussianPolicy, polyak_update
 
