@@ -23,7 +23,7 @@ The field's protocol scores a policy at several cost limits (`limit_scores`): pe
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import gymnasium as gym
 import numpy as np
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from lightning_saferl.errors import InputError
 
 __all__ = ["EpisodeRunner", "rank_slice", "merge_episodes", "summarize_episodes", "EPISODE_KEYS", "cost_limit_list",
-           "limit_key", "limit_scores"]
+           "limit_key", "limit_scores", "lockstep", "Step"]
 
 #: keys of the per-episode arrays returned by `EpisodeRunner.run_episodes`
 EPISODE_KEYS = ("index", "return", "cost", "length", "violations", "success")
@@ -148,6 +148,52 @@ def _resolve_task(task: Any) -> tuple[str, Any]:
     return task_id, task
 
 
+
+class Step(NamedTuple):
+    """One slot's step: what `env.step(action)` returned, and the action as the env received it."""
+
+    observation: Any
+    reward: Any
+    terminated: bool
+    truncated: bool
+    info: dict
+    action: np.ndarray
+
+
+def lockstep(envs: Sequence[gym.Env], start: Callable[[int], Any], act: Callable[[list[int], list[Any]], np.ndarray],
+             record: Callable[[int, Step], bool], after_step: Optional[Callable[[list[int]], None]] = None,
+             restart_at_once: bool = False) -> None:
+    """Step episodes in `envs` together until every slot idles; a slot whose episode ended starts the next one.
+
+    `start(slot)` resets `envs[slot]` for a new episode and returns its first observation, or None: the slot idles
+    from then on (all slots are started first, in order). Each step `act(live, observations)` gives the actions of the
+    live slots (ascending) in one batched call; each live env steps with its row (cast to its Box action dtype) and
+    `record(slot, step)` says whether that episode ended. `after_step(live)` runs once all live slots stepped. Ended
+    slots restart after `after_step`, in slot order; with `restart_at_once`, right after their own step, before the
+    next slot steps (what matters for simulators whose reset seeds a generator the other envs' steps draw from)."""
+    observations = [start(slot) for slot in range(len(envs))]
+    while live := [slot for slot, obs in enumerate(observations) if obs is not None]:
+        actions = act(live, [observations[slot] for slot in live])
+        ended = []
+        for row, slot in enumerate(live):
+            env = envs[slot]
+            action = actions[row]
+            if isinstance(env.action_space, gym.spaces.Box):
+                action = action.astype(env.action_space.dtype)
+            step = Step(*env.step(action), action)
+            observations[slot] = step.observation
+            if record(slot, step):
+                if restart_at_once:
+                    observations[slot] = start(slot)
+                else:
+                    observations[slot] = None
+                    ended.append(slot)
+        if after_step is not None:
+            after_step(live)
+        for slot in ended:
+            observations[slot] = start(slot)
+
+
 class EpisodeRunner:
     """Runs N episodes of a Policy on a pool of ``min(N, num_envs)`` env instances (see module docstring).
 
@@ -230,78 +276,71 @@ class EpisodeRunner:
             return result
         device = torch.device(getattr(policy, "device", "cpu"))
         envs = self._pool(min(len(indices), self.num_envs))
-        # per slot: position in `indices` of its episode (None = idle), observation and accumulators
-        slot_pos: list[Optional[int]] = [None] * len(envs)
-        slot_obs: list[Any] = [None] * len(envs)
-        acc = np.zeros((len(envs), 5))  # return, cost, length, violations, success
+        slot_pos: list[Optional[int]] = [None] * len(envs)  # per slot: position in `indices` of its episode
+        acc = np.zeros((len(envs), 5))  # per slot: return, cost, length, violations, success
+        received: list[tuple[float, float]] = []  # (reward, cost) per live slot of the current step
         next_pos = 0
         contextual = callable(getattr(policy, "observe", None))  # module docstring
 
-        def start(slot: int) -> None:
+        def start(slot: int) -> Any:
             nonlocal next_pos
+            if next_pos == len(indices):
+                return None
             options = self.reset_options
             if isinstance(options, list):
                 options = options[indices[next_pos]]
             obs, _ = envs[slot].reset(seed=self.seed + indices[next_pos], options=options)
-            slot_pos[slot], slot_obs[slot] = next_pos, obs
+            slot_pos[slot] = next_pos
             acc[slot] = 0.0
             next_pos += 1
             if contextual:
                 policy.reset([slot])
+            return obs
+
+        def act(live: list[int], observations: list[Any]) -> np.ndarray:
+            obs = torch.from_numpy(np.stack([np.asarray(o, dtype=np.float32) for o in observations]))
+            with torch.no_grad():
+                actions = policy.act(obs.to(device), live) if contextual else policy.act(obs.to(device))
+            actions = actions.detach().float().cpu().numpy()
+            if actions.ndim != 2 or actions.shape[0] != len(live):
+                raise ValueError(f"EpisodeRunner: policy.act returned shape {tuple(actions.shape)} for a batch "
+                                 f"of {len(live)} observations of shape {tuple(obs.shape[1:])}; expected "
+                                 f"({len(live)}, act_dim)")
+            return actions
+
+        def record(slot: int, step: Step) -> bool:
+            if "cost" not in step.info:
+                raise KeyError(f"EpisodeRunner: env {self.task_id!r} returned no 'cost' in the step info "
+                               f"(info keys: {sorted(step.info)}); evaluation needs envs that report "
+                               "info['cost'] at every step")
+            reward, cost = float(step.reward), float(step.info["cost"])
+            received.append((reward, cost))
+            acc[slot, :4] += (reward, cost, 1.0, float(cost > 0))
+            acc[slot, 4] = float(bool(step.info.get("is_success", False)))
+            if not (step.terminated or step.truncated
+                    or (self.max_episode_steps is not None and acc[slot, 2] >= self.max_episode_steps)):
+                return False
+            pos = slot_pos[slot]
+            result["index"][pos] = indices[pos]
+            result["return"][pos], result["cost"][pos] = acc[slot, 0], acc[slot, 1]
+            result["length"][pos], result["violations"][pos] = int(acc[slot, 2]), int(acc[slot, 3])
+            result["success"][pos] = acc[slot, 4]
+            bar.update(1)
+            return True
+
+        def observe(live: list[int]) -> None:
+            if contextual:
+                rewards, costs = torch.from_numpy(np.asarray(received, dtype=np.float32).T.copy())
+                policy.observe(live, rewards.to(device), costs.to(device))
+            received.clear()
 
         # the policy's own sampling (diffusion noise, VAE latents) is seeded too, in a forked RNG so that a rollout
         # during training leaves the training stream as it was
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed + indices[0])
-            for slot in range(len(envs)):
-                start(slot)
             bar = tqdm(total=len(indices), desc=f"rollout {self.task_id}", disable=not self.progress, leave=False)
             try:
-                while True:
-                    live = [s for s in range(len(envs)) if slot_pos[s] is not None]
-                    if not live:
-                        break
-                    obs = torch.from_numpy(np.stack([np.asarray(slot_obs[s], dtype=np.float32) for s in live]))
-                    with torch.no_grad():
-                        actions = policy.act(obs.to(device), live) if contextual else policy.act(obs.to(device))
-                    actions = actions.detach().float().cpu().numpy()
-                    if actions.ndim != 2 or actions.shape[0] != len(live):
-                        raise ValueError(f"EpisodeRunner: policy.act returned shape {tuple(actions.shape)} for a batch "
-                                         f"of {len(live)} observations of shape {tuple(obs.shape[1:])}; expected "
-                                         f"({len(live)}, act_dim)")
-                    received = np.zeros((2, len(live)), dtype=np.float32)  # reward, cost per row
-                    finished = []
-                    for row, s in enumerate(live):
-                        env = envs[s]
-                        action = actions[row]
-                        if isinstance(env.action_space, gym.spaces.Box):
-                            action = action.astype(env.action_space.dtype)
-                        slot_obs[s], reward, terminated, truncated, info = env.step(action)
-                        if "cost" not in info:
-                            raise KeyError(f"EpisodeRunner: env {self.task_id!r} returned no 'cost' in the step info "
-                                           f"(info keys: {sorted(info)}); evaluation needs envs that report "
-                                           "info['cost'] at every step")
-                        cost = float(info["cost"])
-                        received[:, row] = (float(reward), cost)
-                        acc[s, :4] += (float(reward), cost, 1.0, float(cost > 0))
-                        acc[s, 4] = float(bool(info.get("is_success", False)))
-                        ended = terminated or truncated or (
-                            self.max_episode_steps is not None and acc[s, 2] >= self.max_episode_steps)
-                        if ended:
-                            pos = slot_pos[s]
-                            result["index"][pos] = indices[pos]
-                            result["return"][pos], result["cost"][pos] = acc[s, 0], acc[s, 1]
-                            result["length"][pos], result["violations"][pos] = int(acc[s, 2]), int(acc[s, 3])
-                            result["success"][pos] = acc[s, 4]
-                            bar.update(1)
-                            slot_pos[s] = None
-                            finished.append(s)
-                    if contextual:
-                        policy.observe(live, torch.from_numpy(received[0]).to(device),
-                                       torch.from_numpy(received[1]).to(device))
-                    for s in finished:
-                        if next_pos < len(indices):
-                            start(s)
+                lockstep(envs, start, act, record, after_step=observe)
             finally:
                 bar.close()
         order = np.argsort(result["index"], kind="stable")

@@ -259,3 +259,49 @@ def test_per_episode_start_states_and_success():
     assert runner.summarize(ep)["success_rate"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="2 per-episode reset_options for 3 episodes"):
         EpisodeRunner("PointRobot-v0", episodes=3, reset_options=starts[:2])
+
+
+def test_lockstep_restarts_a_finished_slot_after_the_step_or_at_once():
+    """The call order `lockstep` promises: all slots start first; ended slots restart after `after_step`, or (with
+    `restart_at_once`) right after their own step, before the next slot steps; a slot whose `start` gives None
+    idles."""
+    from lightning_saferl.evaluation import lockstep
+
+    def order(restart_at_once):
+        calls, queue = [], iter(range(4))  # episodes 0..3, seeded 0..3 (ToyEnv: even seeds last 3 steps, odd 5)
+
+        class Env(ToyEnv):
+            def reset(self, *, seed=None, options=None):
+                calls.append(("reset", seed))
+                return super().reset(seed=seed)
+
+        envs = [Env(), Env()]
+
+        def start(slot):
+            seed = next(queue, None)
+            return None if seed is None else envs[slot].reset(seed=seed)[0]
+
+        def act(live, observations):
+            calls.append(("act", live))
+            return np.zeros((len(live), 1))
+
+        def record(slot, step):
+            assert step.action.dtype == np.float32  # cast to the env's Box dtype
+            calls.append(("step", slot))
+            return step.terminated
+
+        lockstep(envs, start, act, record, after_step=lambda live: calls.append(("after", live)),
+                 restart_at_once=restart_at_once)
+        return calls
+
+    after = order(restart_at_once=False)
+    at_once = order(restart_at_once=True)
+    assert after[:2] == at_once[:2] == [("reset", 0), ("reset", 1)]
+    # episode 0 ends at its 3rd step (slot 0): the next episode starts after the step, or before slot 1 steps
+    third = [("act", [0, 1]), ("step", 0), ("step", 1), ("after", [0, 1]), ("reset", 2)]
+    assert after[2 + 2 * 4:2 + 3 * 4 + 1] == third, after
+    assert at_once[2 + 2 * 4:2 + 3 * 4 + 1] == [("act", [0, 1]), ("step", 0), ("reset", 2), ("step", 1),
+                                                 ("after", [0, 1])], at_once
+    for calls in (after, at_once):  # 4 episodes of 3, 5, 3, 5 steps, then every slot idles
+        assert [c for c in calls if c[0] == "reset"] == [("reset", s) for s in range(4)]
+        assert sum(c[0] == "step" for c in calls) == 16 and calls[-1][0] == "after"

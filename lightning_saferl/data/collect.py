@@ -56,6 +56,7 @@ from lightning_saferl.data.format import write_dataset
 from lightning_saferl.data.tasks import dsrl_task_ids, get_task
 from lightning_saferl.envs import point_robot as pr
 from lightning_saferl.errors import InputError
+from lightning_saferl.evaluation import Step, lockstep
 
 BEHAVIORS = ("mixed", "expert", "random", "scarce")  # PointRobot-v0 (batched scripted behaviours)
 ENV_BEHAVIORS = ("mixed", "random", "policy")  # simulator tasks
@@ -225,9 +226,51 @@ def rollout_env(
     finished: list[dict[str, np.ndarray]] = []
     done_rows = 0
 
-    def start(slot: int) -> None:
+    def rows() -> int:
+        """Rows written so far: finished episodes and running ones."""
+        return done_rows + sum(len(ep) for ep in slots if ep is not None)
+
+    def start(slot: int) -> Optional[np.ndarray]:
+        if rows() >= steps:
+            return None
         obs, _ = envs[slot].reset(seed=int(rng.integers(2**31)))
         slots[slot] = _Episode(np.asarray(obs, np.float32), *_episode_kind(behavior, actor is not None, rng, noise))
+        return slots[slot].obs
+
+    def act(live: list[int], observations: list[np.ndarray]) -> np.ndarray:
+        actions = rng.uniform(-1.0, 1.0, (len(live), act_dim))
+        on_policy = [i for i, s in enumerate(live) if slots[s].kind == "policy"]
+        if on_policy:
+            obs = np.stack([np.asarray(observations[i], np.float32) for i in on_policy])
+            actions[on_policy] = _policy_actions(actor, obs, act_dim)
+        for i, s in enumerate(live):
+            ep = slots[s]
+            if ep.kind == "correlated":
+                innovation = ep.scale * rng.standard_normal(act_dim)
+                ep.state = innovation if ep.state is None else (
+                    CORRELATION * ep.state + math.sqrt(1 - CORRELATION**2) * innovation)
+                actions[i] = ep.state
+            elif ep.kind == "policy":
+                actions[i] += ep.scale * rng.standard_normal(act_dim)
+        return np.clip(actions, -1.0, 1.0)
+
+    def record(slot: int, step: Step) -> bool:
+        nonlocal done_rows
+        ep = slots[slot]
+        next_obs = np.asarray(step.observation, np.float32)
+        for key, value in (("observations", ep.obs), ("actions", step.action), ("rewards", step.reward),
+                           ("costs", step.info["cost"]), ("next_observations", next_obs),
+                           ("terminals", float(step.terminated)),
+                           ("timeouts", float(step.truncated and not step.terminated))):
+            ep.rows[key].append(value)
+        ep.obs = next_obs
+        bar.update(max(0, min(rows(), steps) - bar.n))
+        if not (step.terminated or step.truncated):
+            return False
+        finished.append(ep.arrays())
+        done_rows += len(ep)
+        slots[slot] = None
+        return True
 
     try:
         envs.extend(make_env(task_id) for _ in range(num_envs))
@@ -240,43 +283,9 @@ def rollout_env(
         with torch.random.fork_rng(), tqdm(total=steps, desc=f"collect {task_id} ({behavior})", unit="step",
                                            disable=not progress) as bar:
             torch.manual_seed(seed)
-            for slot in range(num_envs):
-                start(slot)
-            while any(ep is not None for ep in slots):
-                live = [s for s, ep in enumerate(slots) if ep is not None]
-                actions = rng.uniform(-1.0, 1.0, (len(live), act_dim))
-                on_policy = [i for i, s in enumerate(live) if slots[s].kind == "policy"]
-                if on_policy:
-                    obs = np.stack([slots[live[i]].obs for i in on_policy])
-                    actions[on_policy] = _policy_actions(actor, obs, act_dim)
-                for i, s in enumerate(live):
-                    ep = slots[s]
-                    if ep.kind == "correlated":
-                        innovation = ep.scale * rng.standard_normal(act_dim)
-                        ep.state = innovation if ep.state is None else (
-                            CORRELATION * ep.state + math.sqrt(1 - CORRELATION**2) * innovation)
-                        actions[i] = ep.state
-                    elif ep.kind == "policy":
-                        actions[i] += ep.scale * rng.standard_normal(act_dim)
-                actions = np.clip(actions, -1.0, 1.0)
-                for i, s in enumerate(live):
-                    ep = slots[s]
-                    next_obs, reward, terminated, truncated, info = envs[s].step(actions[i].astype(np.float32))
-                    next_obs = np.asarray(next_obs, np.float32)
-                    for key, value in (("observations", ep.obs), ("actions", actions[i]), ("rewards", reward),
-                                       ("costs", info["cost"]), ("next_observations", next_obs),
-                                       ("terminals", float(terminated)),
-                                       ("timeouts", float(truncated and not terminated))):
-                        ep.rows[key].append(value)
-                    ep.obs = next_obs
-                    running = sum(len(e) for e in slots if e is not None)
-                    bar.update(max(0, min(done_rows + running, steps) - bar.n))
-                    if terminated or truncated:
-                        finished.append(ep.arrays())
-                        done_rows += len(ep)
-                        slots[s] = None
-                        if done_rows + running - len(ep) < steps:
-                            start(s)
+            # a finished slot restarts before the next slot steps: Bullet's reset seeds numpy's global generator, so
+            # the order is part of what a seed fixes
+            lockstep(envs, start, act, record, restart_at_once=True)
     finally:
         for env in envs:
             env.close()
