@@ -44,6 +44,9 @@ class BCAll(SafeRLModule):
 
 
 class BCSafe(BCAll):
+    """BC-All on the episodes whose total cost is within `cost_limit`: an undiscounted episode budget (the sum of the
+    costs of one episode, as in the data); the other transitions get weight 0."""
+
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256),
                  head: Literal["deterministic", "gaussian"] = "deterministic", lr: float = 1e-3,
                  cosine_decay_steps: Optional[int] = None, cost_limit: float = 0.0):

@@ -82,7 +82,8 @@ class BCQLag(CostLimitedModule):
 
     Args:
         hidden_dims / critic_hidden_dims / vae_hidden_dim: actor, critics (2 members each) and VAE widths.
-        cost_limit: episode cost limit; max_episode_steps: its T (default: the datamodule's).
+        cost_limit: undiscounted episode budget (sum of an episode's costs), turned into the per-step threshold
+            of `cost_threshold`; max_episode_steps: its T (default: the datamodule's).
         reward_scale: rewards are multiplied by it (OSRL's reward_scale).
         phi: the largest perturbation; lmbda: weight of the member min in the target; num_samples: n candidates.
         vae_beta: weight of the VAE's KL term; pid: (K_P, K_I, K_D) of the multiplier.

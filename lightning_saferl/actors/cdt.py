@@ -52,7 +52,7 @@ class CDT(SafeRLModule):
         cost_loss_weight: weight of the auxiliary cost classification.
         lr, weight_decay, warmup_steps: AdamW with a linear warm-up of the learning rate.
         target_return, target_cost: the conditioning targets of an evaluation episode (attributes; may be set
-            after training).
+            after training); target_cost is an undiscounted episode budget (the cost-to-go at the first step).
     """
 
     def __init__(self, obs_dim: int, act_dim: int, sequence_length: int = 10, embedding_dim: int = 128,

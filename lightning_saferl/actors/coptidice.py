@@ -87,7 +87,8 @@ class COptiDICE(CostLimitedModule):
 
     Args:
         hidden_dims / critic_hidden_dims: policy and nu / chi widths; num_nu, num_chi: their members.
-        cost_limit: episode cost limit; max_episode_steps: its T (default: the datamodule's).
+        cost_limit: undiscounted episode budget (sum of an episode's costs), turned into the per-step threshold
+            of `cost_threshold`; max_episode_steps: its T (default: the datamodule's).
         reward_scale: rewards are multiplied by it (OSRL's reward_scale).
         alpha: weight of the f-divergence; f_divergence: "softchi", "chi2" or "kl".
         cost_ub_epsilon: KL radius of the cost upper bound (0: plain E_D[w c]); "dice" estimate only.

@@ -46,7 +46,8 @@ class CPQ(CostLimitedModule):
     Args:
         hidden_dims / critic_hidden_dims / vae_hidden_dim: actor, critics (`num_q` members) and VAE widths.
         lr: critics and VAE; actor_lr: the actor; alpha_lr, alpha_max: step and cap of the OOD multiplier.
-        cost_limit: episode cost limit; max_episode_steps: its T (default: the datamodule's).
+        cost_limit: undiscounted episode budget (sum of an episode's costs), turned into the per-step threshold
+            of `cost_threshold`; max_episode_steps: its T (default: the datamodule's).
         reward_scale: rewards are multiplied by it (OSRL's reward_scale).
         qc_scale: qc_thres / q_thres; num_samples: policy samples per state for the OOD term; ood_quantile: KL
             quantile above which a sample counts as OOD; vae_beta: weight of the VAE's KL term.

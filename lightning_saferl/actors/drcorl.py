@@ -254,8 +254,8 @@ class DrcorlPolicy(SafeRLModule):
             is deterministic: the distillation surrogate is exact for a Dirac policy (its noised score is the -eps
             baseline), while a Gaussian needs an entropy weight whose right value depends on w(t).
         lr: one Adam step size for the policy and its cost critic.
-        cost_limit, cost_slack: the budget on the estimated (discounted) episode cost and the half-width of the
-            PCGrad band.
+        cost_limit, cost_slack: a discounted episode budget (gamma = `cost_discount`, the unit of the estimate C_hat),
+            not the undiscounted one of the other actors, and the half-width of the PCGrad band.
         bc_steps: distillation-only steps before the guided phase (the cost critic trains in both).
         warmup_steps: the first guided steps are reward steps (no zone rule).
         beta_scale, beta_power, beta_max: beta_k = min(beta_max, beta_scale k^beta_power), k = guided step.
