@@ -9,8 +9,9 @@ Every cell is an ordinary `lightning-saferl pipeline` run directory under DIR, n
 
 Cost limits: `--cost_limits`, else the task family's (`TaskSpec.cost_limits`). A recipe whose training follows the
 limit (it names `cost_limit_fields`) gets one cell per limit (`--cost_limit L`, scored at L); any other recipe is
-trained once per (task, seed) and scored at every limit, in a cell named `limits_<L1>_<L2>...`, and its own
-`evaluation.cost_limits` (or `evaluation.cost_limit`), where set, replaces the family's default.
+trained once per (task, seed) and scored at every limit, in a cell named `limits_<L1>_<L2>...`; without
+`--cost_limits` these are the limits the pipeline itself would score at (`pipeline.evaluation_limits`: the recipe's
+`evaluation.cost_limits`, else its `cost_limit`, else the family's).
 
 A rerun skips the cells whose `summary.json` exists, resumes the others (the pipeline continues from the stages'
 checkpoints), and refuses a cell whose stored `config.yaml` differs from the config it would run now. A failing
@@ -82,19 +83,19 @@ def plan(recipe: str, out: Path, seeds: Sequence[int], tasks: Optional[Sequence[
     """The cells of the sweep (module docstring), in a stable order."""
     from lightning_saferl.data.tasks import get_task
     from lightning_saferl.evaluation import cost_limit_list, limit_key
-    from lightning_saferl.pipeline import parse_args
+    from lightning_saferl.pipeline import evaluation_limits, parse_args
 
     base_argv = ["--config", str(Path(recipe).resolve()), *overrides]
     base = parse_args(base_argv)
     follows = bool(base.cost_limit_fields)
-    recipe_limits = None if follows else (base.evaluation.cost_limits if base.evaluation.cost_limits is not None
-                                          else base.evaluation.cost_limit)
     grid_items = _parse_grid(grid)
     cells = []
     for task in tasks or [base.data.task]:
         spec = get_task(task)
-        limits = cost_limit_list(cost_limits if cost_limits else (recipe_limits if recipe_limits is not None
-                                                                  else list(spec.cost_limits)), "--cost_limits")
+        if cost_limits:
+            limits = cost_limit_list(cost_limits, "--cost_limits")
+        else:  # one cell per limit of the family, or one cell scored where the pipeline alone would score it
+            limits = cost_limit_list(list(spec.cost_limits)) if follows else evaluation_limits(base, spec)
         for combo in itertools.product(*[values for _, values in grid_items]):
             grid_argv, labels = [], []
             for (key, _), value in zip(grid_items, combo):

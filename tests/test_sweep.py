@@ -175,3 +175,19 @@ def test_without_ray_the_sweep_says_how_to_install_it(monkeypatch, capsys):
         sweep_main(["--config", str(CONFIGS / "baselines" / "bc_all_point_robot.yaml"), "--out", "unused"])
     assert stop.value.code == 2
     assert "pip install -e '.[sweep]'" in capsys.readouterr().err
+
+
+def test_a_recipe_trained_once_is_scored_where_its_pipeline_would_score_it(tmp_path):
+    """Without --cost_limits, a cell of a recipe that does not follow the limit is scored at the pipeline's own
+    evaluation limits (`pipeline.evaluation_limits`: evaluation.cost_limits, else cost_limit, else the family's); a
+    limit-following recipe gets one cell per limit of the family."""
+    from lightning_saferl.sweep import plan
+
+    def scored_at(recipe, *overrides):
+        cells = plan(str(CONFIGS / recipe), tmp_path, seeds=[0], overrides=overrides)
+        return [json.loads(cell.argv[cell.argv.index("--evaluation.cost_limits") + 1]) for cell in cells]
+
+    assert scored_at("fisor/point_robot.yaml") == [[0.0, 5.0, 10.0]]  # PointRobot's family limits
+    assert scored_at("fisor/point_robot.yaml", "--cost_limit", "3") == [[3.0]]
+    assert scored_at("fisor/point_robot.yaml", "--cost_limit", "3", "--evaluation.cost_limits", "[1, 2]") == [[1.0, 2.0]]
+    assert scored_at("baselines/bc_safe_point_robot.yaml") == [[0.0], [5.0], [10.0]]
