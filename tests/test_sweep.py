@@ -189,5 +189,6 @@ def test_a_recipe_trained_once_is_scored_where_its_pipeline_would_score_it(tmp_p
 
     assert scored_at("fisor/point_robot.yaml") == [[0.0, 5.0, 10.0]]  # PointRobot's family limits
     assert scored_at("fisor/point_robot.yaml", "--cost_limit", "3") == [[3.0]]
-    assert scored_at("fisor/point_robot.yaml", "--cost_limit", "3", "--evaluation.cost_limits", "[1, 2]") == [[1.0, 2.0]]
+    given = ("--cost_limit", "3", "--evaluation.cost_limits", "[1, 2]")
+    assert scored_at("fisor/point_robot.yaml", *given) == [[1.0, 2.0]]
     assert scored_at("baselines/bc_safe_point_robot.yaml") == [[0.0], [5.0], [10.0]]
