@@ -270,78 +270,85 @@ class EpisodeRunner:
         indices = list(range(self.episodes)) if indices is None else [int(i) for i in indices]
         if len(set(indices)) != len(indices):
             raise ValueError(f"EpisodeRunner.run_episodes: duplicate episode indices in {indices}")
-        result = {k: np.zeros(len(indices), dtype=np.int64 if k in ("index", "length", "violations") else np.float64)
-                  for k in EPISODE_KEYS}
         if not indices:
-            return result
+            return _Episodes(self, policy, indices, []).result
         device = torch.device(getattr(policy, "device", "cpu"))
         envs = self._pool(min(len(indices), self.num_envs))
-        slot_pos: list[Optional[int]] = [None] * len(envs)  # per slot: position in `indices` of its episode
-        acc = np.zeros((len(envs), 5))  # per slot: return, cost, length, violations, success
-        received: list[tuple[float, float]] = []  # (reward, cost) per live slot of the current step
-        next_pos = 0
-        contextual = callable(getattr(policy, "observe", None))  # module docstring
-
-        def start(slot: int) -> Any:
-            nonlocal next_pos
-            if next_pos == len(indices):
-                return None
-            options = self.reset_options
-            if isinstance(options, list):
-                options = options[indices[next_pos]]
-            obs, _ = envs[slot].reset(seed=self.seed + indices[next_pos], options=options)
-            slot_pos[slot] = next_pos
-            acc[slot] = 0.0
-            next_pos += 1
-            if contextual:
-                policy.reset([slot])
-            return obs
-
-        def act(live: list[int], observations: list[Any]) -> np.ndarray:
-            obs = torch.from_numpy(np.stack([np.asarray(o, dtype=np.float32) for o in observations]))
-            with torch.no_grad():
-                actions = policy.act(obs.to(device), live) if contextual else policy.act(obs.to(device))
-            actions = actions.detach().float().cpu().numpy()
-            if actions.ndim != 2 or actions.shape[0] != len(live):
-                raise ValueError(f"EpisodeRunner: policy.act returned shape {tuple(actions.shape)} for a batch "
-                                 f"of {len(live)} observations of shape {tuple(obs.shape[1:])}; expected "
-                                 f"({len(live)}, act_dim)")
-            return actions
-
-        def record(slot: int, step: Step) -> bool:
-            if "cost" not in step.info:
-                raise KeyError(f"EpisodeRunner: env {self.task_id!r} returned no 'cost' in the step info "
-                               f"(info keys: {sorted(step.info)}); evaluation needs envs that report "
-                               "info['cost'] at every step")
-            reward, cost = float(step.reward), float(step.info["cost"])
-            received.append((reward, cost))
-            acc[slot, :4] += (reward, cost, 1.0, float(cost > 0))
-            acc[slot, 4] = float(bool(step.info.get("is_success", False)))
-            if not (step.terminated or step.truncated
-                    or (self.max_episode_steps is not None and acc[slot, 2] >= self.max_episode_steps)):
-                return False
-            pos = slot_pos[slot]
-            result["index"][pos] = indices[pos]
-            result["return"][pos], result["cost"][pos] = acc[slot, 0], acc[slot, 1]
-            result["length"][pos], result["violations"][pos] = int(acc[slot, 2]), int(acc[slot, 3])
-            result["success"][pos] = acc[slot, 4]
-            bar.update(1)
-            return True
-
-        def observe(live: list[int]) -> None:
-            if contextual:
-                rewards, costs = torch.from_numpy(np.asarray(received, dtype=np.float32).T.copy())
-                policy.observe(live, rewards.to(device), costs.to(device))
-            received.clear()
-
         # the policy's own sampling (diffusion noise, VAE latents) is seeded too, in a forked RNG so that a rollout
         # during training leaves the training stream as it was
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                tqdm(total=len(indices), desc=f"rollout {self.task_id}", disable=not self.progress, leave=False) as bar:
             torch.manual_seed(self.seed + indices[0])
-            bar = tqdm(total=len(indices), desc=f"rollout {self.task_id}", disable=not self.progress, leave=False)
-            try:
-                lockstep(envs, start, act, record, after_step=observe)
-            finally:
-                bar.close()
-        order = np.argsort(result["index"], kind="stable")
-        return {k: v[order] for k, v in result.items()}
+            book = _Episodes(self, policy, indices, envs, bar)
+            lockstep(envs, book.start, book.act, book.record, after_step=book.observe)
+        order = np.argsort(book.result["index"], kind="stable")
+        return {k: v[order] for k, v in book.result.items()}
+
+
+class _Episodes:
+    """One `EpisodeRunner.run_episodes` call: which episode each env slot runs, its running sums, the per-episode
+    results, and the `lockstep` callbacks (a contextual policy is told of new episodes and of each step's rewards)."""
+
+    def __init__(self, runner: EpisodeRunner, policy, indices: list[int], envs: list[gym.Env], bar=None):
+        self.runner, self.policy, self.indices, self.envs, self.bar = runner, policy, indices, envs, bar
+        self.result = {k: np.zeros(len(indices), dtype=np.int64 if k in ("index", "length", "violations")
+                                   else np.float64) for k in EPISODE_KEYS}
+        self.device = torch.device(getattr(policy, "device", "cpu"))
+        self.contextual = callable(getattr(policy, "observe", None))  # EpisodeRunner's module docstring
+        self.slot_pos: list[Optional[int]] = [None] * len(envs)  # per slot: position in `indices` of its episode
+        self.sums = np.zeros((len(envs), 5))  # per slot: return, cost, length, violations, success
+        self.received: list[tuple[float, float]] = []  # (reward, cost) per live slot of the current step
+        self.next_pos = 0
+
+    def start(self, slot: int) -> Any:
+        if self.next_pos == len(self.indices):
+            return None
+        episode = self.indices[self.next_pos]
+        options = self.runner.reset_options
+        if isinstance(options, list):
+            options = options[episode]
+        obs, _ = self.envs[slot].reset(seed=self.runner.seed + episode, options=options)
+        self.slot_pos[slot] = self.next_pos
+        self.sums[slot] = 0.0
+        self.next_pos += 1
+        if self.contextual:
+            self.policy.reset([slot])
+        return obs
+
+    def act(self, live: list[int], observations: list[Any]) -> np.ndarray:
+        obs = torch.from_numpy(np.stack([np.asarray(o, dtype=np.float32) for o in observations])).to(self.device)
+        with torch.no_grad():
+            actions = self.policy.act(obs, live) if self.contextual else self.policy.act(obs)
+        actions = actions.detach().float().cpu().numpy()
+        if actions.ndim != 2 or actions.shape[0] != len(live):
+            raise ValueError(f"EpisodeRunner: policy.act returned shape {tuple(actions.shape)} for a batch "
+                             f"of {len(live)} observations of shape {tuple(obs.shape[1:])}; expected "
+                             f"({len(live)}, act_dim)")
+        return actions
+
+    def record(self, slot: int, step: Step) -> bool:
+        if "cost" not in step.info:
+            raise KeyError(f"EpisodeRunner: env {self.runner.task_id!r} returned no 'cost' in the step info "
+                           f"(info keys: {sorted(step.info)}); evaluation needs envs that report "
+                           "info['cost'] at every step")
+        reward, cost = float(step.reward), float(step.info["cost"])
+        self.received.append((reward, cost))
+        sums = self.sums[slot]
+        sums[:4] += (reward, cost, 1.0, float(cost > 0))
+        sums[4] = float(bool(step.info.get("is_success", False)))
+        limit = self.runner.max_episode_steps
+        if not (step.terminated or step.truncated or (limit is not None and sums[2] >= limit)):
+            return False
+        pos, result = self.slot_pos[slot], self.result
+        result["index"][pos] = self.indices[pos]
+        result["return"][pos], result["cost"][pos] = sums[0], sums[1]
+        result["length"][pos], result["violations"][pos] = int(sums[2]), int(sums[3])
+        result["success"][pos] = sums[4]
+        self.bar.update(1)
+        return True
+
+    def observe(self, live: list[int]) -> None:
+        if self.contextual:
+            rewards, costs = torch.from_numpy(np.asarray(self.received, dtype=np.float32).T.copy())
+            self.policy.observe(live, rewards.to(self.device), costs.to(self.device))
+        self.received.clear()

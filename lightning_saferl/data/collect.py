@@ -190,6 +190,66 @@ def _policy_actions(policy, obs: np.ndarray, act_dim: int) -> np.ndarray:
     return actions
 
 
+class _EnvCollection:
+    """One `rollout_env` run: the running episode of each env slot, the finished ones in the order they ended, and the
+    `lockstep` callbacks. New episodes stop starting once `steps` rows exist (finished plus running)."""
+
+    def __init__(self, envs: list, steps: int, behavior: str, rng: np.random.Generator, actor, noise: float, bar):
+        self.envs, self.steps, self.behavior, self.rng, self.actor, self.noise, self.bar = (
+            envs, steps, behavior, rng, actor, noise, bar)
+        self.act_dim = int(np.prod(envs[0].action_space.shape))
+        self.slots: list[Optional[_Episode]] = [None] * len(envs)
+        self.finished: list[dict[str, np.ndarray]] = []
+        self.done_rows = 0
+
+    def rows(self) -> int:
+        """Rows written so far: finished episodes and running ones."""
+        return self.done_rows + sum(len(ep) for ep in self.slots if ep is not None)
+
+    def start(self, slot: int) -> Optional[np.ndarray]:
+        if self.rows() >= self.steps:
+            return None
+        obs, _ = self.envs[slot].reset(seed=int(self.rng.integers(2**31)))
+        kind, scale = _episode_kind(self.behavior, self.actor is not None, self.rng, self.noise)
+        self.slots[slot] = _Episode(np.asarray(obs, np.float32), kind, scale)
+        return self.slots[slot].obs
+
+    def act(self, live: list[int], observations: list[np.ndarray]) -> np.ndarray:
+        rng, act_dim = self.rng, self.act_dim
+        actions = rng.uniform(-1.0, 1.0, (len(live), act_dim))
+        on_policy = [i for i, s in enumerate(live) if self.slots[s].kind == "policy"]
+        if on_policy:
+            obs = np.stack([np.asarray(observations[i], np.float32) for i in on_policy])
+            actions[on_policy] = _policy_actions(self.actor, obs, act_dim)
+        for i, s in enumerate(live):
+            ep = self.slots[s]
+            if ep.kind == "correlated":
+                innovation = ep.scale * rng.standard_normal(act_dim)
+                ep.state = innovation if ep.state is None else (
+                    CORRELATION * ep.state + math.sqrt(1 - CORRELATION**2) * innovation)
+                actions[i] = ep.state
+            elif ep.kind == "policy":
+                actions[i] += ep.scale * rng.standard_normal(act_dim)
+        return np.clip(actions, -1.0, 1.0)
+
+    def record(self, slot: int, step: Step) -> bool:
+        ep = self.slots[slot]
+        next_obs = np.asarray(step.observation, np.float32)
+        for key, value in (("observations", ep.obs), ("actions", step.action), ("rewards", step.reward),
+                           ("costs", step.info["cost"]), ("next_observations", next_obs),
+                           ("terminals", float(step.terminated)),
+                           ("timeouts", float(step.truncated and not step.terminated))):
+            ep.rows[key].append(value)
+        ep.obs = next_obs
+        self.bar.update(max(0, min(self.rows(), self.steps) - self.bar.n))
+        if not (step.terminated or step.truncated):
+            return False
+        self.finished.append(ep.arrays())
+        self.done_rows += len(ep)
+        self.slots[slot] = None
+        return True
+
+
 def rollout_env(
     task_id: str,
     steps: int,
@@ -220,61 +280,9 @@ def rollout_env(
         from lightning_saferl.policy import load_policy
 
         actor = load_policy(policy)
-    rng = np.random.default_rng(seed)
     envs: list = []
-    slots: list[Optional[_Episode]] = [None] * num_envs
-    finished: list[dict[str, np.ndarray]] = []
-    done_rows = 0
-
-    def rows() -> int:
-        """Rows written so far: finished episodes and running ones."""
-        return done_rows + sum(len(ep) for ep in slots if ep is not None)
-
-    def start(slot: int) -> Optional[np.ndarray]:
-        if rows() >= steps:
-            return None
-        obs, _ = envs[slot].reset(seed=int(rng.integers(2**31)))
-        slots[slot] = _Episode(np.asarray(obs, np.float32), *_episode_kind(behavior, actor is not None, rng, noise))
-        return slots[slot].obs
-
-    def act(live: list[int], observations: list[np.ndarray]) -> np.ndarray:
-        actions = rng.uniform(-1.0, 1.0, (len(live), act_dim))
-        on_policy = [i for i, s in enumerate(live) if slots[s].kind == "policy"]
-        if on_policy:
-            obs = np.stack([np.asarray(observations[i], np.float32) for i in on_policy])
-            actions[on_policy] = _policy_actions(actor, obs, act_dim)
-        for i, s in enumerate(live):
-            ep = slots[s]
-            if ep.kind == "correlated":
-                innovation = ep.scale * rng.standard_normal(act_dim)
-                ep.state = innovation if ep.state is None else (
-                    CORRELATION * ep.state + math.sqrt(1 - CORRELATION**2) * innovation)
-                actions[i] = ep.state
-            elif ep.kind == "policy":
-                actions[i] += ep.scale * rng.standard_normal(act_dim)
-        return np.clip(actions, -1.0, 1.0)
-
-    def record(slot: int, step: Step) -> bool:
-        nonlocal done_rows
-        ep = slots[slot]
-        next_obs = np.asarray(step.observation, np.float32)
-        for key, value in (("observations", ep.obs), ("actions", step.action), ("rewards", step.reward),
-                           ("costs", step.info["cost"]), ("next_observations", next_obs),
-                           ("terminals", float(step.terminated)),
-                           ("timeouts", float(step.truncated and not step.terminated))):
-            ep.rows[key].append(value)
-        ep.obs = next_obs
-        bar.update(max(0, min(rows(), steps) - bar.n))
-        if not (step.terminated or step.truncated):
-            return False
-        finished.append(ep.arrays())
-        done_rows += len(ep)
-        slots[slot] = None
-        return True
-
     try:
         envs.extend(make_env(task_id) for _ in range(num_envs))
-        act_dim = int(np.prod(envs[0].action_space.shape))
         obs_dim = int(np.prod(envs[0].observation_space.shape))
         expected = getattr(actor, "hparams", {}).get("obs_dim") if actor is not None else None
         if expected is not None and expected != obs_dim:
@@ -283,13 +291,14 @@ def rollout_env(
         with torch.random.fork_rng(), tqdm(total=steps, desc=f"collect {task_id} ({behavior})", unit="step",
                                            disable=not progress) as bar:
             torch.manual_seed(seed)
+            run = _EnvCollection(envs, steps, behavior, np.random.default_rng(seed), actor, noise, bar)
             # a finished slot restarts before the next slot steps: Bullet's reset seeds numpy's global generator, so
             # the order is part of what a seed fixes
-            lockstep(envs, start, act, record, restart_at_once=True)
+            lockstep(envs, run.start, run.act, run.record, restart_at_once=True)
     finally:
         for env in envs:
             env.close()
-    arrays = {key: np.concatenate([ep[key] for ep in finished])[:steps] for key in finished[0]}
+    arrays = {key: np.concatenate([ep[key] for ep in run.finished])[:steps] for key in run.finished[0]}
     if arrays["terminals"][-1] == 0:
         arrays["timeouts"][-1] = 1.0  # the cut (or a time limit) ends the last episode
     return arrays
