@@ -60,7 +60,8 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
             refused = message.split("unsupported GLOBAL", 1)[1].split()[0]
             raise InputError(f"{path}: refused to load: the checkpoint holds GLOBAL {refused}, an object that "
                              "weights_only=True refuses (nothing in it was executed)") from None
-        if message.startswith("Weights only load failed"):  # another refusal by torch's restricted unpickler
+        if message.startswith("Weights only load failed") and "Unsupported operand" not in message:
+            # another refusal by torch's restricted unpickler (an unknown operand is a file that is no pickle)
             raise InputError(f"{path}: refused to load: the checkpoint holds objects that weights_only=True "
                              "refuses (nothing in it was executed)") from None
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}); is it truncated or a "
