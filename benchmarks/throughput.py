@@ -1,6 +1,6 @@
 """Training and acting throughput of FISOR (and DRCORL's policy) on this machine, against its own matmul peak.
 
-    python benchmarks/throughput.py [--threads N] [--repeats R] [--bf16] [--quick] [--baselines_only]
+    python benchmarks/throughput.py [--threads N] [--repeats R] [--bf16] [--quick] [--baselines_only] [--recipe R]
 
 Prints a table (median, inter-quartile range, min and max per figure) and, last, one JSON object.
 
@@ -17,6 +17,12 @@ layer; the diffusion time-conditioning MLP runs on the T distinct times, not per
 for the networks being trained plus 1 x forward for networks only evaluated (target Q, V(s')).
 ``*_fraction_of_peak`` divides the achieved FLOP rate by ``peak_gflops``: the median rate of a 2048^3 float32
 matmul measured in the same run with the same threads (sampled before and after the module timings, pooled).
+
+The quick start's stages (``--recipe``, default the quick start's recipe): each stage's training step as the recipe
+builds it (networks, batch size, precision), its FLOPs, its median time and fraction of the peak, and the stage's
+arithmetic limit, ``max_steps x step FLOPs / peak``; ``quick_start_flop_limit_minutes`` sums the stages' limits
+(the least time the quick start's training can take on this machine at the measured fp32 matmul peak), and
+``quick_start_step_minutes`` sums ``max_steps x median step time`` (the stages one after another, no Trainer).
 
 Synthetic data of the PointRobot shapes (obs 11, act 2) and untrained critics: throughput does not depend on
 the values. Timings on a shared machine are noisy: the table shows the spread and the 1-minute load average.
@@ -43,6 +49,7 @@ import torch
 
 OBS_DIM, ACT_DIM = 11, 2
 PEAK_SIZE = 2048
+QUICK_START_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "fisor_guard" / "point_robot.yaml"
 
 
 def cpu_model() -> str:
@@ -213,6 +220,70 @@ def lightning_overhead(module_factory, dm_factory, steps: int, bare_median_ms: f
     return stats
 
 
+def recipe_stages(recipe: Path) -> dict[str, dict]:
+    """A recipe's stages, resolved: name -> {class_path, init_args, inputs, max_steps, batch_size, precision}.
+    A stage's own `trainer` / `data` values win over the recipe's shared ones, as in the pipeline."""
+    from omegaconf import OmegaConf
+
+    from lightning_saferl.runs import register_resolvers
+
+    register_resolvers()
+    config = OmegaConf.to_container(OmegaConf.load(recipe), resolve=True)
+    stages = {}
+    for name, stage in config["stages"].items():
+        trainer = {**config.get("trainer", {}), **stage.get("trainer", {})}
+        data = {**config.get("data", {}), **stage.get("data", {})}
+        stages[name] = {"class_path": stage["model"]["class_path"], "init_args": stage["model"].get("init_args", {}),
+                        "inputs": stage.get("inputs", {}), "max_steps": trainer["max_steps"],
+                        "batch_size": data["batch_size"], "precision": str(trainer.get("precision", "32-true"))}
+    return stages
+
+
+def stage_step_flops(module, batch_size: int) -> int:
+    """Training FLOPs of one step of a FISOR stage's module at `batch_size` rows."""
+    from lightning_saferl.actors.fisor import FisorActor
+
+    if isinstance(module, FisorActor):
+        return 3 * noise_net_forward_flops(module.net, batch_size, module.schedule.num_steps)
+    return critic_step_flops(module, batch_size)
+
+
+def time_recipe_stages(recipe: Path, path: Path, reps: int) -> tuple[dict, list]:
+    """Build every stage of `recipe` as it trains (critics handed to the actor in memory) and time its step with a
+    bare loop at the stage's batch size and precision."""
+    import importlib
+
+    modules, figures, rows = {}, {}, []
+    for name, stage in recipe_stages(recipe).items():
+        module_name, cls = stage["class_path"].rsplit(".", 1)
+        inputs = {arg: modules[source] for arg, source in stage["inputs"].items()}
+        module = getattr(importlib.import_module(module_name), cls)(OBS_DIM, ACT_DIM, **stage["init_args"], **inputs)
+        modules[name] = module
+        dm = datamodule(path, stage["batch_size"], seed=len(modules))
+        if hasattr(module, "compute_sample_weights"):
+            with torch.no_grad():
+                module.sample_weights = module.compute_sample_weights(dm.transitions)
+        autocast = torch.bfloat16 if stage["precision"].startswith("bf16") else None
+        stats = repeat(BareLoop(module, dm, autocast), reps)
+        flops = stage_step_flops(module, stage["batch_size"])
+        figures[name] = {"max_steps": stage["max_steps"], "batch_size": stage["batch_size"],
+                         "precision": stage["precision"], "step_gflop": flops / 1e9, "step_ms": stats["median"]}
+        rows.append((f"quick start: {name}, batch {stage['batch_size']}, {stage['precision']}", stats,
+                     f"{flops / 1e9:.3f} GFLOP x {stage['max_steps']} steps"))
+    return figures, rows
+
+
+def relate_stages_to_peak(stages: dict, peak: float) -> None:
+    """Add each stage's fraction of `peak` (GFLOP/s), arithmetic limit and step-time minutes, in place."""
+    for figures in stages.values():
+        gflop, seconds, steps = figures["step_gflop"], figures["step_ms"] * 1e-3, figures["max_steps"]
+        figures.update(fraction_of_peak=gflop / seconds / peak, flop_limit_minutes=steps * gflop / peak / 60,
+                       step_minutes=steps * seconds / 60)
+        for key, value in figures.items():
+            if isinstance(value, float):
+                figures[key] = round(value, 4)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def print_rows(rows: list[tuple[str, dict, str]]) -> None:
     print(f"{'figure':52s} {'median ms':>10s} {'IQR ms':>17s} {'min-max ms':>19s}  note")
@@ -228,6 +299,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="few repeats (smoke test of the script)")
     parser.add_argument("--baselines_only", action="store_true",
                         help="only the BCQ-Lag, CPQ, COptiDICE and CDT training steps (no FISOR figures)")
+    parser.add_argument("--recipe", type=Path, default=QUICK_START_RECIPE,
+                        help="the recipe whose stages are timed against their arithmetic limit (default: the quick "
+                             "start's)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")  # self.log outside a Trainer warns once per module
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -268,6 +342,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         actor = FisorActor(OBS_DIM, ACT_DIM, feasibility_critic=feas, reward_critic=reward)
         with torch.no_grad():
             actor.sample_weights = actor.compute_sample_weights(dm1024.transitions)
+
+        # -- the quick start's stages as its recipe trains them
+        stages, stage_rows = time_recipe_stages(args.recipe, path, reps)
+        rows += stage_rows
 
         # -- actor step at 1024
         actor_loop = BareLoop(actor, dm1024)
@@ -356,6 +434,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     peak = 2 * PEAK_SIZE**3 / statistics.median(peak_samples) / 1e9
     out["peak_gflops"] = peak
     rows.insert(0, (f"peak: {PEAK_SIZE}^3 fp32 matmul (start + end)", summarize(peak_samples), f"{peak:.1f} GFLOP/s"))
+    relate_stages_to_peak(stages, peak)
+    out.update(quick_start_recipe=str(args.recipe), quick_start_stages=stages,
+               quick_start_flop_limit_minutes=sum(s["flop_limit_minutes"] for s in stages.values()),
+               quick_start_step_minutes=sum(s["step_minutes"] for s in stages.values()))
     for key in ("actor_step", "critic_step"):
         out[f"{key}_fraction_of_peak"] = out[f"{key}_gflop"] / (out[f"{key}_ms"] * 1e-3) / peak
     out["load_average_1min_end"] = os.getloadavg()[0]
@@ -364,10 +446,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"load average (1 min) {out['load_average_1min_start']:.2f} -> {out['load_average_1min_end']:.2f}")
     print(f"fraction of peak: actor {out['actor_step_fraction_of_peak']:.2f}, "
           f"critics {out['critic_step_fraction_of_peak']:.2f}")
+    for name, figures in stages.items():
+        print(f"quick start stage {name}: {figures['step_gflop']:.3f} GFLOP/step, {figures['step_ms']:.2f} ms, "
+              f"{figures['fraction_of_peak']:.2f} of peak, {figures['max_steps']} steps: limit "
+              f"{figures['flop_limit_minutes']:.1f} min, steps {figures['step_minutes']:.1f} min")
+    print(f"quick start ({args.recipe}): arithmetic limit {out['quick_start_flop_limit_minutes']:.1f} min at "
+          f"{peak:.0f} GFLOP/s; its steps one after another {out['quick_start_step_minutes']:.1f} min "
+          f"({out['quick_start_step_minutes'] / out['quick_start_flop_limit_minutes']:.2f}x the limit)")
     print_rows(rows)
     first = ["peak_gflops", "actor_step_ms", "actor_step_fraction_of_peak", "critic_step_ms",
              "critic_step_fraction_of_peak", "fisor_full_step_ms_b2048", "fisor_act_ms", "fisor_act_ms_batch20",
-             "drcorl_act_ms"]
+             "drcorl_act_ms", "quick_start_flop_limit_minutes", "quick_start_step_minutes"]
     out = {**{k: out[k] for k in first}, **{k: v for k, v in out.items() if k not in first}}
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in out.items()}))
     return out
