@@ -685,7 +685,8 @@ def test_killing_a_pipeline_ends_its_stage_workers(tmp_path, good_file, signum):
         wait_until(lambda: len(worker_pids()) == 2 or pipeline.poll() is not None, 240, "two stage workers")
         workers = worker_pids()
         assert len(workers) == 2 and pipeline.pid not in workers, log.read_text()[-2000:]
-        wait_until(lambda: list(run.glob("*/lightning_logs/version_0/metrics.csv")), 120, "training")
+        wait_until(lambda: len(list(run.glob("*/lightning_logs/version_0/metrics.csv"))) == 2, 120,
+                   "both stages training")
         pipeline.send_signal(signum)
         err = pipeline.communicate(timeout=180)[1]
         wait_until(lambda: not any(alive(pid) for pid in workers), 120, "the workers to end")
