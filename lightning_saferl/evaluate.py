@@ -1,11 +1,13 @@
 """`lightning-saferl evaluate`: episodes of a trained actor checkpoint, their metrics, and a picture of them.
 
     lightning-saferl evaluate --ckpt runs/<run>/actor/model.ckpt [--task PointRobot-v0] [--episodes 20]
-        [--num_envs 20] [--seed 0] [--random_start] [--plot trajectories.png]
+        [--num_envs 20] [--seed 0] [--random_start] [--plot trajectories.png] [--frames episode.gif]
 
 Episode ``i`` is reset with ``seed + i`` (`lightning_saferl.evaluation.EpisodeRunner`), so the same command gives
 the same episodes and figures. ``--plot`` draws every episode's (x, y) path over PointRobot's hazards and goal, red
-where the step was inside a hazard (cost > 0). Other tasks have no plot: their environments do not render.
+where the step was inside a hazard (cost > 0). ``--frames`` (simulator tasks, e.g. Bullet-Safety-Gym) renders the
+first episode (seed ``--seed``) every ``--frame_every`` steps and its last step: an animated GIF, or a PNG grid of
+8 of those frames.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from matplotlib.patches import Circle, Rectangle
 from lightning_saferl.envs import point_robot
 from lightning_saferl.errors import InputError
 
-__all__ = ["PathRecorder", "plot_trajectories", "evaluate_main"]
+__all__ = ["FrameRecorder", "PathRecorder", "evaluate_main", "plot_trajectories", "save_frames"]
 
 
 class PathRecorder(gym.Wrapper):
@@ -46,6 +48,51 @@ class PathRecorder(gym.Wrapper):
         self._current[0].append(np.asarray(obs[:2], dtype=np.float64))
         self._current[1].append(float(info["cost"]))
         return obs, reward, terminated, truncated, info
+
+
+class FrameRecorder(gym.Wrapper):
+    """Appends to ``frames`` the rendered frames (``env.render_rgb()``) of the episode reset with ``seed``: after
+    the reset, every ``every`` steps and at its last step. Other episodes run unrecorded."""
+
+    def __init__(self, env: gym.Env, seed: int, every: int, frames: list):
+        super().__init__(env)
+        self.seed, self.every, self.frames = seed, every, frames
+        self._recording, self._steps = False, 0
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        self._recording, self._steps = seed == self.seed and not self.frames, 0
+        if self._recording:
+            self.frames.append(self.env.render_rgb())
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self._steps += 1
+        if self._recording and (self._steps % self.every == 0 or terminated or truncated):
+            self.frames.append(self.env.render_rgb())
+        return obs, reward, terminated, truncated, info
+
+
+def save_frames(frames: Sequence[np.ndarray], path: str, title: str = "") -> None:
+    """``.gif``: every frame, 10 per second, looping; ``.png``: 8 evenly spaced frames (first and last included)
+    in a 2 x 4 grid."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.lower().endswith(".gif"):
+        from PIL import Image
+
+        images = [Image.fromarray(frame) for frame in frames]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
+        return
+    picks = np.unique(np.linspace(0, len(frames) - 1, 8).round().astype(int))
+    fig = Figure(figsize=(12, 4.6))
+    for ax, index in zip(fig.subplots(2, 4).flat, picks):
+        ax.imshow(frames[index])
+        ax.set_title(f"frame {index + 1} of {len(frames)}", fontsize=8)
+    for ax in fig.axes:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=90)
 
 
 def plot_trajectories(paths: Sequence[tuple[np.ndarray, np.ndarray]], path: Optional[str] = None,
@@ -87,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i")
     parser.add_argument("--random_start", action="store_true", help="random starts (default: the standard start)")
     parser.add_argument("--plot", default=None, help="PNG of the episodes' paths (PointRobot only)")
+    parser.add_argument("--frames", default=None,
+                        help="GIF (or PNG grid) of the first episode's rendered frames (simulator tasks)")
+    parser.add_argument("--frame_every", type=int, default=5, help="render every N steps (default %(default)s)")
     return parser
 
 
@@ -100,11 +150,22 @@ def evaluate_main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.plot is not None and args.task != point_robot.ENV_ID:
         raise InputError(f"evaluate --plot: only {point_robot.ENV_ID} has a plot of its episodes, got --task "
                          f"{args.task}")
+    if args.frames is not None and args.task == point_robot.ENV_ID:
+        raise InputError(f"evaluate --frames: {point_robot.ENV_ID} does not render; --plot draws its episodes")
+    if args.frames is not None and not args.frames.lower().endswith((".gif", ".png")):
+        raise InputError(f"evaluate --frames: give a .gif or .png path, got {args.frames}")
+    if args.frame_every < 1:
+        raise InputError(f"evaluate --frame_every: expected >= 1, got {args.frame_every}")
     if not os.path.isfile(args.ckpt):
         raise InputError(f"evaluate --ckpt: no such file: {args.ckpt}")
     policy = load_policy(args.ckpt)
     paths: dict[int, tuple[list, list]] = {}
-    factory = (lambda task_id: PathRecorder(make_env(task_id), paths)) if args.plot else None
+    frames: list[np.ndarray] = []
+    factory = None
+    if args.plot:
+        factory = lambda task_id: PathRecorder(make_env(task_id), paths)  # noqa: E731
+    elif args.frames:
+        factory = lambda task_id: FrameRecorder(make_env(task_id), args.seed, args.frame_every, frames)  # noqa: E731
     runner = EpisodeRunner(args.task, episodes=args.episodes, num_envs=min(args.num_envs, args.episodes),
                            seed=args.seed, reset_options={"random_start": True} if args.random_start else None,
                            env_factory=factory)
@@ -118,5 +179,8 @@ def evaluate_main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                  f"cost {metrics['cost_mean']:.2f}, goal {metrics['success_rate']:.2f}")
         plot_trajectories([paths[s] for s in seeds], args.plot, title)
         metrics["plot"] = args.plot
+    if args.frames:
+        save_frames(frames, args.frames, f"{args.task}, episode seed {args.seed}")
+        metrics["frames"] = args.frames
     print(json.dumps(metrics))
     return metrics

@@ -54,3 +54,57 @@ def test_plot_of_a_task_without_one_is_a_one_line_error(actor_ckpt, tmp_path, ca
     with pytest.raises(SystemExit):
         main(["evaluate", "--ckpt", str(tmp_path / "missing.ckpt")])
     assert "no such file" in capsys.readouterr().err
+
+
+def test_frames_of_a_bullet_episode_as_a_gif_and_a_grid(tmp_path, capsys, monkeypatch):
+    from test_dsrl import needs
+
+    needs("bullet")
+    from PIL import Image
+
+    from lightning_saferl.envs import make_env
+
+    task = "OfflineBallCircle-v0"  # 200-step episodes
+    env = make_env(task)
+    data = write_tiny(tmp_path / "ball.hdf5", obs_dim=env.observation_space.shape[0],
+                      act_dim=env.action_space.shape[0])
+    env.close()
+    main(["fit", "--model", "lightning_saferl.actors.BCAll", "--model.hidden_dims", "[8]", "--data.task", task,
+          "--data.path", data, "--data.batch_size", "16", "--trainer.max_steps", "2",
+          "--trainer.default_root_dir", str(tmp_path), *QUIET])
+    ckpt = str(next(tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt")))
+    capsys.readouterr()
+    saved = []
+    save = evaluate_module.save_frames
+    monkeypatch.setattr(evaluate_module, "save_frames",
+                        lambda frames, *a, **k: (saved.append(frames), save(frames, *a, **k)))
+    runs = {}
+    for name, extra in (("plain", []), ("gif", ["--frames", str(tmp_path / "ep.gif"), "--frame_every", "60"]),
+                        ("png", ["--frames", str(tmp_path / "ep.png"), "--frame_every", "60"])):
+        main(["evaluate", "--ckpt", ckpt, "--task", task, "--episodes", "2", "--num_envs", "2", *extra])
+        runs[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert runs["gif"].pop("frames") == str(tmp_path / "ep.gif")
+    assert runs["png"].pop("frames") == str(tmp_path / "ep.png")
+    assert runs["plain"] == runs["gif"] == runs["png"]  # rendering changes no episode
+    frames = saved[0]
+    assert len(frames) == 5  # the reset, steps 60, 120 and 180, and the last step (200); one episode only
+    with Image.open(tmp_path / "ep.gif") as gif:  # Pillow merges equal consecutive frames, adding their durations
+        durations = []
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            durations.append(gif.info["duration"])
+            assert np.array_equal(np.asarray(gif.convert("RGB")).shape, frames[0].shape)
+    assert sum(durations) == 100 * len(frames)
+    assert (tmp_path / "ep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_frames_of_a_task_that_does_not_render_is_a_one_line_error(actor_ckpt, tmp_path, capsys):
+    for extra, message in ((["--frames", str(tmp_path / "x.gif")], "PointRobot-v0 does not render; --plot"),
+                           (["--task", "OfflineBallCircle-v0", "--frames", str(tmp_path / "x.mp4")],
+                            "give a .gif or .png path, got"),
+                           (["--task", "OfflineBallCircle-v0", "--frames", str(tmp_path / "x.gif"),
+                             "--frame_every", "0"], "--frame_every: expected >= 1, got 0")):
+        with pytest.raises(SystemExit) as stop:
+            main(["evaluate", "--ckpt", actor_ckpt, *extra])
+        assert stop.value.code == 2
+        assert message in capsys.readouterr().err

@@ -226,6 +226,18 @@ class DSRLEnv(gymnasium.Env):
         truncated = not terminated and (bool(truncated) or self._elapsed >= self.max_episode_steps)
         return np.asarray(obs, dtype=np.float32), float(reward), terminated, truncated, info
 
+    def render_rgb(self) -> np.ndarray:
+        """The simulator's current frame, (H, W, 3) uint8 (Bullet-Safety-Gym renders with ``mode="rgb_array"``)."""
+        simulator = getattr(self.env, "unwrapped", self.env)
+        try:
+            frame = simulator.render(mode="rgb_array")
+        except TypeError:  # gymnasium's API: the mode was fixed when the env was made
+            frame = simulator.render()
+        if frame is None:
+            raise InputError(f"{self.task_id}: the simulator returned no frame (it was not made to render RGB "
+                             "arrays)")
+        return np.asarray(frame, dtype=np.uint8)[..., :3]
+
     def close(self) -> None:
         self.env.close()
 
