@@ -51,8 +51,8 @@ class PathRecorder(gym.Wrapper):
 
 
 class FrameRecorder(gym.Wrapper):
-    """Appends to ``frames`` the rendered frames (``env.render_rgb()``) of the episode reset with ``seed``: after
-    the reset, every ``every`` steps and at its last step. Other episodes run unrecorded."""
+    """Appends to ``frames`` (step, rendered frame) pairs (``env.render_rgb()``) of the episode reset with ``seed``:
+    after the reset (step 0), every ``every`` steps and at its last step. Other episodes run unrecorded."""
 
     def __init__(self, env: gym.Env, seed: int, every: int, frames: list):
         super().__init__(env)
@@ -63,32 +63,33 @@ class FrameRecorder(gym.Wrapper):
         obs, info = self.env.reset(seed=seed, options=options)
         self._recording, self._steps = seed == self.seed and not self.frames, 0
         if self._recording:
-            self.frames.append(self.env.render_rgb())
+            self.frames.append((0, self.env.render_rgb()))
         return obs, info
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
         self._steps += 1
         if self._recording and (self._steps % self.every == 0 or terminated or truncated):
-            self.frames.append(self.env.render_rgb())
+            self.frames.append((self._steps, self.env.render_rgb()))
         return obs, reward, terminated, truncated, info
 
 
-def save_frames(frames: Sequence[np.ndarray], path: str, title: str = "") -> None:
-    """``.gif``: every frame, 10 per second, looping; ``.png``: 8 evenly spaced frames (first and last included)
-    in a 2 x 4 grid."""
+def save_frames(frames: Sequence[tuple[int, np.ndarray]], path: str, title: str = "") -> None:
+    """(step, frame) pairs -> ``.gif``: every frame, 10 per second, looping; ``.png``: 8 evenly spaced frames (first
+    and last included) in a 2 x 4 grid, each titled with its step."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.lower().endswith(".gif"):
         from PIL import Image
 
-        images = [Image.fromarray(frame) for frame in frames]
+        images = [Image.fromarray(frame) for _, frame in frames]
         images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
         return
     picks = np.unique(np.linspace(0, len(frames) - 1, 8).round().astype(int))
     fig = Figure(figsize=(12, 4.6))
     for ax, index in zip(fig.subplots(2, 4).flat, picks):
-        ax.imshow(frames[index])
-        ax.set_title(f"frame {index + 1} of {len(frames)}", fontsize=8)
+        step, frame = frames[index]
+        ax.imshow(frame)
+        ax.set_title(f"step {step}", fontsize=8)
     for ax in fig.axes:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
@@ -160,7 +161,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         raise InputError(f"evaluate --ckpt: no such file: {args.ckpt}")
     policy = load_policy(args.ckpt)
     paths: dict[int, tuple[list, list]] = {}
-    frames: list[np.ndarray] = []
+    frames: list[tuple[int, np.ndarray]] = []
     factory = None
     if args.plot:
         factory = lambda task_id: PathRecorder(make_env(task_id), paths)  # noqa: E731

@@ -86,8 +86,8 @@ def test_frames_of_a_bullet_episode_as_a_gif_and_a_grid(tmp_path, capsys, monkey
     assert runs["gif"].pop("frames") == str(tmp_path / "ep.gif")
     assert runs["png"].pop("frames") == str(tmp_path / "ep.png")
     assert runs["plain"] == runs["gif"] == runs["png"]  # rendering changes no episode
-    frames = saved[0]
-    assert len(frames) == 5  # the reset, steps 60, 120 and 180, and the last step (200); one episode only
+    steps, frames = zip(*saved[0])
+    assert steps == (0, 60, 120, 180, 200)  # the reset, every 60 steps and the last step; one episode only
     with Image.open(tmp_path / "ep.gif") as gif:  # Pillow merges equal consecutive frames, adding their durations
         durations = []
         for index in range(gif.n_frames):
