@@ -122,13 +122,11 @@ def plan(recipe: str, out: Path, seeds: Sequence[int], tasks: Optional[Sequence[
 
 
 def resolved_config(argv: list[str]) -> dict:
-    """The config a pipeline run with these arguments stores in `<run_dir>/config.yaml` (`pipeline._Plan` applies
-    the cost limit before the record is written)."""
-    from lightning_saferl.pipeline import apply_cost_limit, build_parser, parse_args
+    """The config a pipeline run with these arguments stores in `<run_dir>/config.yaml` (its cost limit applied,
+    `pipeline.resolve_cost_limit`)."""
+    from lightning_saferl.pipeline import build_parser, parse_args, resolve_cost_limit
 
-    cfg = parse_args(argv)
-    apply_cost_limit(cfg)
-    return yaml.safe_load(build_parser().dump(cfg, skip_none=False))
+    return yaml.safe_load(build_parser().dump(resolve_cost_limit(parse_args(argv)), skip_none=False))
 
 
 def check(cell: Cell, out: Path) -> None:
