@@ -24,7 +24,7 @@ from lightning_saferl import runs
 from lightning_saferl.runs import CONFIG_KEY, atomic_write_text
 from tiny_data import write_tiny
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 SUMMARY_KEYS = {"task", "algorithm", "episodes", "return_mean", "cost_mean", "violation_free_fraction"}
 
