@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from lightning_saferl.errors import InputError
 
 __all__ = ["EpisodeRunner", "rank_slice", "merge_episodes", "summarize_episodes", "EPISODE_KEYS", "cost_limit_list",
-           "limit_key", "limit_scores", "lockstep", "Step"]
+           "limit_key", "limit_scores", "lockstep", "Step", "evaluate_policy", "json_number", "print_table"]
 
 #: keys of the per-episode arrays returned by `EpisodeRunner.run_episodes`
 EPISODE_KEYS = ("index", "return", "cost", "length", "violations", "success")
@@ -352,3 +352,36 @@ class _Episodes:
             rewards, costs = torch.from_numpy(np.asarray(self.received, dtype=np.float32).T.copy())
             self.policy.observe(live, rewards.to(self.device), costs.to(self.device))
         self.received.clear()
+
+
+def evaluate_policy(policy: Any, task_spec: Any, limits: Sequence[float], episodes: int, num_envs: int, seed: int,
+                    reset_options: Optional[dict] = None) -> dict[str, Any]:
+    """`episodes` episodes of `policy` (in eval mode, without gradients) on the task's environment: the metrics of
+    `EpisodeRunner` (scored at the first of `limits`) as JSON numbers, plus `limit_scores` at every limit."""
+    runner = EpisodeRunner(task_spec, episodes=episodes, num_envs=min(num_envs, episodes), seed=seed,
+                           reset_options=reset_options, cost_limit=limits[0])
+    policy.eval()
+    try:
+        with torch.no_grad():
+            metrics = runner.run(policy)
+    finally:
+        runner.close()
+    return {"cost_limit": limits[0], "cost_limits": list(limits), **{k: json_number(v) for k, v in metrics.items()},
+            **limit_scores(metrics["cost_mean"], task_spec, limits)}
+
+
+def json_number(value: Any) -> Any:
+    """A metric as a JSON number: counts stay integers, everything else becomes a float."""
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return int(value) if isinstance(value, int) else float(value)
+
+
+def print_table(rows: Mapping[str, Any], title: str) -> None:
+    """A titled two-column table of names and values (floats to 4 significant digits)."""
+    width = max(len(k) for k in rows)
+    print(f"\n{'=' * (width + 16)}\n {title}\n{'-' * (width + 16)}")
+    for key, value in rows.items():
+        print(f" {key:<{width}}  {value:.4g}" if isinstance(value, float) else f" {key:<{width}}  {value}")
+    print("=" * (width + 16))

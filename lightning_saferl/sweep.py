@@ -8,7 +8,8 @@ Every cell is an ordinary `lightning-saferl pipeline` run directory under DIR, n
 (e.g. `--data.path FILE`, `--trainer '{...}'`) are passed to every cell.
 
 Cost limits: `--cost_limits`, else the task family's (`TaskSpec.cost_limits`). A recipe whose training follows the
-limit (it names `cost_limit_fields`) gets one cell per limit (`--cost_limit L`, scored at L); any other recipe is
+limit (it names `cost_limit_fields`) gets one cell per limit (trained for L: the cell hands L to the pipeline as a
+number, `run_pipeline(cfg, cost_limit=L)`; scored at L); any other recipe is
 trained once per (task, seed) and scored at every limit, in a cell named `limits_<L1>_<L2>...`; without
 `--cost_limits` these are the limits the pipeline itself would score at (`pipeline.evaluation_limits`: the recipe's
 `evaluation.cost_limits`, else its `cost_limit`, else the family's).
@@ -49,10 +50,12 @@ RAY_MISSING = "lightning-saferl sweep needs Ray: pip install -e '.[sweep]'  (or:
 
 @dataclass
 class Cell:
-    """One run of the grid: its directory (relative to the sweep's) and its pipeline arguments."""
+    """One run of the grid: its directory (relative to the sweep's), its pipeline arguments and the cost limit it
+    trains for (None: the recipe's)."""
 
     name: str
     argv: list[str]
+    cost_limit: Optional[float] = None
     status: str = "pending"  # pending | skipped | refused | finished | failed
     message: str = ""
     seconds: float = 0.0  # the cell's time in its worker (pipeline, log redirection, parsing)
@@ -110,25 +113,21 @@ def plan(recipe: str, out: Path, seeds: Sequence[int], tasks: Optional[Sequence[
                 argv = [*base_argv, "--data.task", task, *grid_argv, "--algorithm", algorithm,
                         "--seed_everything", str(seed), "--evaluation.cost_limits", json.dumps(group),
                         "--run_dir", str(out / name)]
-                if follows:
-                    argv += ["--cost_limit", repr(group[0])]
                 if smoke:
                     argv.append("--smoke")
-                cells.append(Cell(name, argv))
+                cells.append(Cell(name, argv, group[0] if follows else None))
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
         raise InputError("two cells of the grid get the same directory; give grid values distinct names")
     return cells
 
 
-def resolved_config(argv: list[str]) -> dict:
-    """The config a pipeline run with these arguments stores in `<run_dir>/config.yaml` (`pipeline._Plan` applies
-    the cost limit before the record is written)."""
-    from lightning_saferl.pipeline import apply_cost_limit, build_parser, parse_args
+def resolved_config(argv: list[str], cost_limit: Optional[float] = None) -> dict:
+    """The config a pipeline run with these arguments (and this cost limit, `pipeline.run_pipeline`) stores in
+    `<run_dir>/config.yaml`: its cost limit applied (`pipeline.resolve_cost_limit`)."""
+    from lightning_saferl.pipeline import build_parser, parse_args, resolve_cost_limit
 
-    cfg = parse_args(argv)
-    apply_cost_limit(cfg)
-    return yaml.safe_load(build_parser().dump(cfg, skip_none=False))
+    return yaml.safe_load(build_parser().dump(resolve_cost_limit(parse_args(argv), cost_limit), skip_none=False))
 
 
 def check(cell: Cell, out: Path) -> None:
@@ -140,7 +139,7 @@ def check(cell: Cell, out: Path) -> None:
     stored = run / "config.yaml"
     if not stored.exists():
         return
-    changed = config_changes(yaml.safe_load(stored.read_text()), resolved_config(cell.argv))
+    changed = config_changes(yaml.safe_load(stored.read_text()), resolved_config(cell.argv, cell.cost_limit))
     if changed:
         cell.status = "refused"
         cell.message = (f"{run} was run with another config (changed: {', '.join(changed)}); "
@@ -170,9 +169,11 @@ def _output_to(path: Path):
             os.close(saved[1])
 
 
-def run_cell(argv: list[str], run_dir: str, cwd: Optional[str] = None) -> dict[str, Any]:
-    """Run one pipeline in this process with its output appended to `<run_dir>/log.txt`, in the sweep's working
-    directory `cwd` where this machine has it (relative paths in recipes); never raises.
+def run_cell(argv: list[str], run_dir: str, cwd: Optional[str] = None,
+             cost_limit: Optional[float] = None) -> dict[str, Any]:
+    """Run one pipeline (`argv`, trained for `cost_limit` where given) in this process with its output appended to
+    `<run_dir>/log.txt`, in the sweep's working directory `cwd` where this machine has it (relative paths in
+    recipes); never raises.
     Returns {"ok", "seconds", "error", "log", "summary"}."""
     from lightning_saferl.command import run_command, split_debug
 
@@ -184,12 +185,13 @@ def run_cell(argv: list[str], run_dir: str, cwd: Optional[str] = None) -> dict[s
     started = time.time()
     ok = False
     with _output_to(log):
-        print(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} lightning-saferl pipeline {' '.join(argv)}", flush=True)
+        limit = "" if cost_limit is None else f" (cost limit {cost_limit:g})"
+        print(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} lightning-saferl pipeline {' '.join(argv)}{limit}", flush=True)
         try:
             from lightning_saferl.pipeline import pipeline_main
 
             debug, pipeline_argv = split_debug(argv)
-            run_command("pipeline", lambda: pipeline_main(pipeline_argv), debug)
+            run_command("pipeline", lambda: pipeline_main(pipeline_argv, cost_limit), debug)
             ok = True
         except SystemExit as stop:
             ok = stop.code in (0, None)
@@ -240,7 +242,7 @@ def run_cells(cells: list[Cell], out: Path, address: Optional[str] = None, cpus_
     ray, started_here = _start_ray(address)
     try:
         task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)(run_cell)
-        futures = {task.remote(c.argv, str(out / c.name), os.getcwd()): c for c in pending}
+        futures = {task.remote(c.argv, str(out / c.name), os.getcwd(), c.cost_limit): c for c in pending}
         done = 0
         while futures:
             ready, _ = ray.wait(list(futures), num_returns=1)

@@ -6,6 +6,11 @@ tables (52 partitions of episodes over ranks in `test_rank_slice_partitions_exac
 `test_every_dsrl_task_is_consistent`), and 29 run one mechanism on further modules (bf16 13, DDP 12, exact resume 7
 modules). One more test is marked slow. Recount the functions with
 `pytest --collect-only -q | grep :: | sed 's/\[.*//' | sort -u | wc -l`.
+
+Layout: the tests of one subpackage sit in a folder of its name (`actors/`, `callbacks/`, `data/`, `envs/`,
+`pipeline/`); tests that go through several (the commands, evaluation, reliability, resume, DDP, bf16) sit here,
+with the helpers they share (`tiny_data`, `simulators`), which this directory's place on `sys.path` makes importable
+from every folder.
 """
 import pytest
 import torch

@@ -10,7 +10,7 @@ import torch
 
 from lightning_saferl.envs import point_robot as pr
 from lightning_saferl.envs.oracle import escape_margin
-from lightning_saferl.pipeline import _Plan, parse_args
+from lightning_saferl.pipeline import make_plan, parse_args
 from tiny_data import write_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def test_the_ablation_goes_from_the_published_recipe_to_the_variant(bench, tmp_p
     # the last departure step is the variant without its cost critic: the same critics (config records, so a run
     # reuses them) and the same actor but for the tie-break and its input
     tiny = write_tiny(tmp_path / "tiny.hdf5")
-    last, variant = (_Plan(parse_args(["--config", recipe, *(f"--{s}" for s in settings), "--data.path", tiny]))
+    last, variant = (make_plan(parse_args(["--config", recipe, *(f"--{s}" for s in settings), "--data.path", tiny]))
                      for _, recipe, settings in steps[-2:])
     assert set(variant.names) - set(last.names) == {"cost_critic"}
     assert all(last.records[name] == variant.records[name] for name in ("feasibility_critic", "reward_critic"))

@@ -85,3 +85,42 @@ def test_a_lazy_import_that_closes_a_circle_is_found(tmp_path):
                                                     "lightning_saferl.data.loader"}
     (package / "data" / "loader.py").write_text("def load():\n    pass\n")
     assert find_cycle(import_graph(module_files(package))) == []
+
+
+#: the most lines a function of the package may span (its signature, docstring and body)
+MAX_FUNCTION_LINES = 60
+#: functions still longer, by dotted name: each is to be split, none is to be added
+LONG_FUNCTIONS = {"lightning_saferl.data.build.run_chunk"}
+
+
+def long_functions(files: dict[str, Path], limit: int = MAX_FUNCTION_LINES) -> dict[str, int]:
+    """Dotted name (module, classes, function) -> lines, for every function of `files` longer than `limit` lines."""
+    found = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}.{child.name}"
+                lines = child.end_lineno - child.lineno + 1
+                if not isinstance(child, ast.ClassDef) and lines > limit:
+                    found[name] = lines
+                visit(child, name)
+
+    for module, path in files.items():
+        visit(ast.parse(path.read_text(), str(path)), module)
+    return found
+
+
+def test_no_function_is_longer_than_the_limit():
+    found = long_functions(module_files())
+    assert set(found) <= LONG_FUNCTIONS, f"functions over {MAX_FUNCTION_LINES} lines: " + ", ".join(
+        f"{name} ({lines})" for name, lines in found.items() if name not in LONG_FUNCTIONS)
+
+
+def test_a_long_function_is_found(tmp_path):
+    package = tmp_path / "lightning_saferl"
+    package.mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (package / "long.py").write_text(f"class A:\n    def run(self):\n    {body.replace(chr(10), chr(10) + '    ')}\n")
+    (package / "short.py").write_text("def run():\n    pass\n")
+    assert long_functions(module_files(package)) == {"lightning_saferl.long.A.run": MAX_FUNCTION_LINES + 1}

@@ -488,10 +488,10 @@ def test_same_config_and_seed_give_identical_losses_and_evaluation(tmp_path, goo
 # ------------------------------------------------------------------------------------------- errors that are bugs
 def test_a_bug_keeps_its_traceback(tmp_path, good_file, monkeypatch):
     """Only the project's input errors become one line; a TypeError from a bug propagates."""
-    def bug(cfg):
+    def bug(cfg, cost_limit=None):
         raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
 
-    monkeypatch.setattr("lightning_saferl.pipeline.apply_cost_limit", bug)
+    monkeypatch.setattr("lightning_saferl.pipeline.plan.resolve_cost_limit", bug)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(bc_recipe(good_file), sort_keys=False))
     with pytest.raises(TypeError, match="unsupported operand"):
@@ -704,8 +704,8 @@ def test_killing_a_pipeline_ends_its_stage_workers(tmp_path, good_file, signum):
 HOLD_STAGE = """
 import sys, time
 from pathlib import Path
-from lightning_saferl.pipeline import _stage_lock
-with _stage_lock(Path(sys.argv[1])):
+from lightning_saferl.pipeline.locks import stage_lock
+with stage_lock(Path(sys.argv[1])):
     print("holding", flush=True)
     time.sleep(600)
 """

@@ -159,6 +159,24 @@ def test_cost_limit_fields_follow_the_limit():
         resolved_config(["--config", recipe, "--cost_limit_fields", "[stages.policy.model.init_args.no_such_field]"])
 
 
+def test_a_cell_hands_its_cost_limit_to_the_pipeline_as_a_number(tmp_path):
+    """A limit-following recipe's cells carry their limit as a float, not as a command-line string; the pipeline
+    applies it as it applies `--cost_limit`, wins over the command line's, and leaves the parsed config unchanged."""
+    from lightning_saferl.pipeline import parse_args, resolve_cost_limit
+    from lightning_saferl.sweep import plan
+
+    cells = plan(str(CONFIGS / "drcorl" / "dsrl.yaml"), tmp_path, seeds=[0], cost_limits=[10, 20])
+    assert [(type(c.cost_limit), c.cost_limit) for c in cells] == [(float, 10.0), (float, 20.0)]
+    assert not any("--cost_limit" in c.argv for c in cells)
+    given_as_text = resolved_config([*cells[1].argv, "--cost_limit", "20"])
+    assert resolved_config(cells[1].argv, cells[1].cost_limit) == given_as_text
+    cfg = parse_args([*cells[1].argv, "--cost_limit", "5"])
+    stored = cfg.clone()
+    init = resolve_cost_limit(cfg, 20.0).stages["policy"]["model"]["init_args"]
+    assert (init["cost_limit"], init["cost_slack"]) == (20.0, 10.0)
+    assert cfg == stored and cfg.stages["policy"]["model"]["init_args"]["cost_limit"] != 20.0
+
+
 def test_limit_scores_follow_the_dsrl_formula_per_limit():
     spec = get_task("PointRobot-v0")
     assert spec.cost_limits == (0.0, 5.0, 10.0)

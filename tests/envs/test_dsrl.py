@@ -3,7 +3,6 @@ collection from simulator envs, and - where the simulators are installed - the r
 file, load it with our loader and DSRL's, run the FISOR recipe with --smoke and evaluate on Bullet-Safety-Gym.
 """
 import dataclasses
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -19,10 +18,11 @@ from lightning_saferl.data.tasks import dsrl_task_ids, get_task
 import lightning_saferl.envs
 from lightning_saferl.envs import make_env
 from lightning_saferl.envs import dsrl as dsrl_envs
-from lightning_saferl.envs.dsrl import (INSTALL_COMMANDS, SIMULATOR_MODULES, DSRLEnv, SimulatorNotInstalledError,
-                                        make_dsrl_env, require_simulator, simulator_env_id)
+from lightning_saferl.envs.dsrl import (INSTALL_COMMANDS, DSRLEnv, SimulatorNotInstalledError, make_dsrl_env,
+                                        simulator_env_id)
+from simulators import needs
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TASK = "OfflineCarCircle-v0"  # Bullet, 300-step episodes, obs 8, act 2
 
 
@@ -256,14 +256,6 @@ def test_summarize_hand_computed():
 
 
 # --------------------------------------------------------------------------- the real simulators
-def needs(simulator):
-    """Skip unless the simulator is installed; import it the library's way (Bullet-Safety-Gym's own import
-    fails under pytest's output capture: `pytest.importorskip` would error, not skip)."""
-    if importlib.util.find_spec(SIMULATOR_MODULES[simulator]) is None:
-        pytest.skip(f"{SIMULATOR_MODULES[simulator]} is not installed ({INSTALL_COMMANDS[simulator]})")
-    require_simulator(simulator)
-
-
 @pytest.fixture(scope="module")
 def car_circle(tmp_path_factory):
     needs("bullet")

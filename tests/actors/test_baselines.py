@@ -17,7 +17,7 @@ from lightning_saferl.cli import main
 from lightning_saferl.policy import load_policy
 from tiny_data import write_tiny
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "baselines"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "baselines"
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
 TINY = {"hidden_dims": [16], "critic_hidden_dims": [16]}
 

@@ -188,7 +188,7 @@ TINY = ["--task", TASK, "--steps_per_agent", "800", "--num_envs", "2", "--horizo
 
 
 def _needs_bullet():
-    from test_dsrl import needs
+    from simulators import needs
 
     needs("bullet")
 

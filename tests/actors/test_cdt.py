@@ -22,7 +22,7 @@ from lightning_saferl.policy import load_policy
 from lightning_saferl.table import write_table
 from tiny_data import write_tiny
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "baselines"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "baselines"
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
 TINY = {"embedding_dim": 16, "num_layers": 1, "num_heads": 2, "dropout": 0.0, "max_episode_steps": 20}
 

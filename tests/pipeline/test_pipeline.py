@@ -18,12 +18,13 @@ import yaml
 
 from lightning_saferl.cli import main
 import lightning_saferl.envs
-from lightning_saferl.pipeline import _stage_overrides, parse_args, stage_conflicts
+from lightning_saferl.pipeline import parse_args, stage_conflicts
+from lightning_saferl.pipeline.recipe import stage_overrides
 from lightning_saferl import runs
 from lightning_saferl.runs import CONFIG_KEY, atomic_write_text
 from tiny_data import write_tiny
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 SUMMARY_KEYS = {"task", "algorithm", "episodes", "return_mean", "cost_mean", "violation_free_fraction"}
 
@@ -173,9 +174,9 @@ def test_recipe_interpolation_and_typed_shared_values(tmp_path, tiny):
     with pytest.raises(KeyError, match="--stages.critic.trainer.max_steps"):
         parse_args(["--config", write_yaml(tmp_path / "r.yaml", recipe), "--stages.critic.trainer.max_steps", "1"])
     # a stage applies the shared values, then its own (whatever their order), and sets named inputs
-    args, inputs = _stage_overrides(["--stages.actor.trainer.max_steps=2", "--trainer.max_steps", "4",
-                                     "--stages.actor.inputs.reward_critic", "feasibility_critic",
-                                     "--stages.reward_critic.data.batch_size", "3"], "actor")
+    args, inputs = stage_overrides(["--stages.actor.trainer.max_steps=2", "--trainer.max_steps", "4",
+                                    "--stages.actor.inputs.reward_critic", "feasibility_critic",
+                                    "--stages.reward_critic.data.batch_size", "3"], "actor")
     assert args == ["--trainer.max_steps", "4", "--trainer.max_steps=2"]
     assert inputs == {"reward_critic": "feasibility_critic"}
 
@@ -345,14 +346,15 @@ def test_parallel_stages_train_in_process_with_one_thread(fisor_run, tmp_path, c
 
 
 def test_stages_train_in_process_where_a_stage_has_processes_of_its_own(tiny, tmp_path, monkeypatch, torch_threads):
-    from lightning_saferl.pipeline import _Plan, _stage_workers
+    from lightning_saferl.pipeline import make_plan
+    from lightning_saferl.pipeline.workers import stage_workers
 
     recipe = write_yaml(tmp_path / "r.yaml", fisor_recipe(tiny))
     stages = ["feasibility_critic", "reward_critic", "actor"]
 
     def workers(*args):
         cfg = parse_args(["--config", recipe, "--run_dir", str(tmp_path / "run"), "--parallel_stages", "4", *args])
-        return _stage_workers(_Plan(cfg), cfg, stages)
+        return stage_workers(make_plan(cfg), stages)
 
     assert workers() == 2  # one per thread
     assert workers("--trainer.devices", "[0]") == 2 and workers("--trainer.devices", "0,") == 2
