@@ -57,7 +57,7 @@ def test_plot_of_a_task_without_one_is_a_one_line_error(actor_ckpt, tmp_path, ca
 
 
 def test_frames_of_a_bullet_episode_as_a_gif_and_a_grid(tmp_path, capsys, monkeypatch):
-    from test_dsrl import needs
+    from simulators import needs
 
     needs("bullet")
     from PIL import Image
