@@ -12,8 +12,8 @@ vertices at critic-flagged states, the select band, the cost tie-break):
 and each figure of `reference_act`, the plain formulation (the noise network as its docstring writes it with torch's
 mish, the schedule read from tensors, one critic call per quantity, V_h recomputed, Q_c at every flagged state), in
 the same run, alternating call by call, with the ratio reference / library. Both choose the same actions from the
-same random numbers, equal up to float rounding (tests/test_fisor_acting.py). Last line: one JSON object. Timings on a shared machine are noisy: the load average
-is printed; the ratios are measured in one run.
+same random numbers, equal up to float rounding (tests/test_fisor_acting.py). Last line: one JSON object. Timings on
+a shared machine are noisy: the load average is printed; the ratios are measured in one run.
 """
 from __future__ import annotations
 
@@ -174,7 +174,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             seconds, metrics = evaluation_seconds(policy, args.episodes)
             suffix = "" if name == "library" else "_reference"
             out[f"eval_seconds{suffix}"] = seconds
-            out[f"eval_cost_mean{suffix}"], out[f"eval_return_mean{suffix}"] = metrics["cost_mean"], metrics["return_mean"]
+            out[f"eval_cost_mean{suffix}"] = metrics["cost_mean"]
+            out[f"eval_return_mean{suffix}"] = metrics["return_mean"]
         if not args.no_reference:
             out["eval_speedup"] = out["eval_seconds_reference"] / out["eval_seconds"]
     out["load_average_1min"] = [load_start, os.getloadavg()[0]]
