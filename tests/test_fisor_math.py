@@ -92,6 +92,9 @@ class _StubFeasibility(torch.nn.Module):
     def q_value(self, obs, act):
         return act[:, 0]
 
+    def q_value_rows(self, obs, rows, act):  # the actor scores many actions per state through this
+        return self.q_value(obs[rows], act)
+
 
 def test_candidate_selection_picks_lowest_qh_and_highest_q(monkeypatch):
     actor = FisorActor(obs_dim=3, act_dim=2, hidden_dim=16, num_blocks=1, num_candidates=3)

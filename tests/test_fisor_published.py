@@ -146,6 +146,9 @@ class _TiedHazardCritic(torch.nn.Module):
         state = pr.state_from_observation(obs.double())
         return (pr.constraint_value(pr.step_states(state, act.double())) + 0.01 * act[:, 0]).float()
 
+    def q_value_rows(self, obs, rows, act):  # the actor scores many actions per state through this
+        return self.q_value(obs[rows], act)
+
     def value(self, obs):
         return pr.constraint_value(pr.state_from_observation(obs.double())).float()
 
@@ -159,6 +162,9 @@ class _HoldCostCritic(torch.nn.Module):
             state = pr.step_states(state, act.double())
             total += 0.99 ** t * pr.in_hazard(state).double()
         return total.float()
+
+    def q_value_rows(self, obs, rows, act):  # the actor scores many actions per state through this
+        return self.q_value(obs[rows], act)
 
 
 def test_from_a_start_inside_a_hazard_the_cost_tiebreak_leaves_where_the_lowest_qh_parks():

@@ -15,6 +15,9 @@ class _Column(torch.nn.Module):
     def q_value(self, obs, act):
         return act[:, self.column]
 
+    def q_value_rows(self, obs, rows, act):  # the actor scores many actions per state through this
+        return self.q_value(obs[rows], act)
+
 
 # each candidate action is (Q_h, Q): the stubs read them back
 CANDIDATES = torch.tensor([
@@ -61,6 +64,9 @@ class _CornerCritic(torch.nn.Module):
 
     def q_value(self, obs, act):
         return (act - act.new_tensor([1.0, -1.0])).norm(dim=-1) - 1.0
+
+    def q_value_rows(self, obs, rows, act):  # the actor scores many actions per state through this
+        return self.q_value(obs[rows], act)
 
     def value(self, obs):
         return obs[:, 0]

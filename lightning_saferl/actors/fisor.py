@@ -222,7 +222,7 @@ class FisorActor(SafeRLModule):
         polyak_update(self.ema, self.net, tau)
 
     # -- acting ----------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample_candidates(self, obs: torch.Tensor, num_candidates: int) -> torch.Tensor:
         """(B, obs_dim) -> (B, N, act_dim): N EMA-policy samples per observation, all in one batch."""
         net = self.ema
@@ -230,12 +230,12 @@ class FisorActor(SafeRLModule):
         time_features = net.time_features(torch.arange(self.schedule.num_steps, device=obs.device, dtype=obs.dtype))
 
         def eps_fn(a: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-            return net.trunk(net.action_features(a) + obs_features + time_features.index_select(0, k.long()))
+            return net.trunk(net.action_features(a) + obs_features + time_features.index_select(0, k[:1].long()))
 
         x = self.schedule.sample(eps_fn, (obs_features.shape[0], self.hparams.act_dim), obs.device, obs.dtype)
         return rearrange(x, "(b n) a -> b n a", n=num_candidates)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         if self._hp("num_candidates") > 1 or self._hp("uniform_proposals") > 0:
             if self.hparams.select == "min_qh" and self.feasibility_critic is None:
@@ -251,27 +251,54 @@ class FisorActor(SafeRLModule):
         return self._compiled("act", self._act, obs.device)(obs).clone()  # clone: CUDA-graph outputs are reused
 
     def _act(self, obs: torch.Tensor) -> torch.Tensor:
-        """N candidates per observation, then `_choose` (and `_leave_soonest` with a cost tie-break)."""
+        """N candidates per observation, then `_choose` (`_shortest_violation` where V_h > 0 with a cost tie-break)."""
         candidates = self.sample_candidates(obs, self.hparams.num_candidates)
         if self._hp("cost_tiebreak") == 0 or candidates.shape[1] == 1:
             return self._choose(obs, candidates)
         q_h = self._scores(self.feasibility_critic, obs, candidates)
-        return self._leave_soonest(obs, candidates, q_h, self._choose(obs, candidates, q_h))
+        infeasible = self.feasibility_critic.value(obs) > 0  # all rows: static shapes for the compiled path
+        return torch.where(infeasible[:, None], self._shortest_violation(obs, candidates, q_h),
+                           self._choose(obs, candidates, q_h))
 
     def _act_with_proposals(self, obs: torch.Tensor) -> torch.Tensor:
         """As `_act`; at critic-infeasible states (V_h > -proposal_margin) the safest of K uniform proposals (some
         coordinates snapped to the bounds with `proposal_snap`; the box's vertices added with `proposal_vertices`)
         replaces the choice where it beats every candidate's Q_h by more than `proposal_gain`; with a cost
-        tie-break, candidates and proposals form the pool of `_leave_soonest` (eager: the flagged rows are
-        data-dependent)."""
+        tie-break, candidates and proposals form the pool of `_shortest_violation` at the states with V_h > 0 (eager:
+        the flagged rows are data-dependent). One feasibility-critic pass scores every candidate and the flagged
+        states' proposals; V_h(s) is computed once; Q_c only where the tie-break applies."""
         h = self.hparams
         candidates = self.sample_candidates(obs, h.num_candidates)
-        candidate_q_h = self._scores(self.feasibility_critic, obs, candidates)
-        actions = self._choose(obs, candidates, candidate_q_h)
         margin = self._hp("proposal_margin")
         margin = self._hp("feasibility_margin") if margin is None else margin
-        flagged = (self.feasibility_critic.value(obs) > -margin).nonzero().squeeze(1)
-        proposals = torch.rand(len(flagged), h.uniform_proposals, h.act_dim, device=obs.device, dtype=obs.dtype)
+        v_h = self.feasibility_critic.value(obs)
+        flagged = (v_h > -margin).nonzero().squeeze(1)
+        proposals = self._proposals(len(flagged), obs)
+        batch, num_candidates, num_proposals = obs.shape[0], candidates.shape[1], proposals.shape[1]
+        rows = torch.cat((torch.arange(batch, device=obs.device).repeat_interleave(num_candidates),
+                          flagged.repeat_interleave(num_proposals)))
+        q_h = self.feasibility_critic.q_value_rows(obs, rows, torch.cat((candidates.reshape(-1, h.act_dim),
+                                                                         proposals.reshape(-1, h.act_dim))))
+        candidate_q_h = q_h[:batch * num_candidates].view(batch, num_candidates)
+        proposal_q_h = q_h[batch * num_candidates:].view(len(flagged), num_proposals)
+        actions = self._choose(obs, candidates, candidate_q_h)
+        safest = proposal_q_h.argmin(dim=1)
+        better = proposal_q_h.min(dim=1).values < \
+            candidate_q_h[flagged].min(dim=1).values - self._hp("proposal_gain")
+        actions[flagged[better]] = proposals[better, safest[better]]
+        if self._hp("cost_tiebreak") > 0:
+            infeasible = (v_h[flagged] > 0).nonzero().squeeze(1)  # positions in `flagged`
+            states = flagged[infeasible]
+            pool = torch.cat((candidates[states], proposals[infeasible]), dim=1)
+            pool_q_h = torch.cat((candidate_q_h[states], proposal_q_h[infeasible]), dim=1)
+            actions[states] = self._shortest_violation(obs[states], pool, pool_q_h)
+        return actions
+
+    def _proposals(self, num_states: int, obs: torch.Tensor) -> torch.Tensor:
+        """(num_states, K [+ 2^act_dim], act_dim): K uniform proposals per state in [-1, 1]^act_dim, coordinates
+        snapped to their sign with probability `proposal_snap`, the box's vertices first with `proposal_vertices`."""
+        h = self.hparams
+        proposals = torch.rand(num_states, h.uniform_proposals, h.act_dim, device=obs.device, dtype=obs.dtype)
         proposals = proposals * 2 - 1
         if self._hp("proposal_snap") > 0:
             snapped = torch.rand_like(proposals) < h.proposal_snap
@@ -279,34 +306,23 @@ class FisorActor(SafeRLModule):
         if self._hp("proposal_vertices"):
             vertices = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=h.act_dim)), device=obs.device,
                                     dtype=obs.dtype)
-            proposals = torch.cat((vertices.expand(len(flagged), -1, -1), proposals), dim=1)
-        proposal_q_h = self._scores(self.feasibility_critic, obs[flagged], proposals)
-        safest = proposal_q_h.argmin(dim=1)
-        better = proposal_q_h.min(dim=1).values < \
-            candidate_q_h[flagged].min(dim=1).values - self._hp("proposal_gain")
-        actions[flagged[better]] = proposals[better, safest[better]]
-        if self._hp("cost_tiebreak") > 0:
-            pool = torch.cat((candidates[flagged], proposals), dim=1)
-            pool_q_h = torch.cat((candidate_q_h[flagged], proposal_q_h), dim=1)
-            actions[flagged] = self._leave_soonest(obs[flagged], pool, pool_q_h, actions[flagged])
-        return actions
+            proposals = torch.cat((vertices.expand(num_states, -1, -1), proposals), dim=1)
+        return proposals
 
-    def _leave_soonest(self, obs: torch.Tensor, pool: torch.Tensor, pool_q_h: torch.Tensor,
-                       chosen: torch.Tensor) -> torch.Tensor:
-        """(B, obs_dim), (B, P, act_dim), (B, P), (B, act_dim) -> (B, act_dim): where V_h(s) > 0, the lowest-Q_c
-        action among those within `cost_tiebreak` of the pool's lowest Q_h (module docstring); `chosen` elsewhere."""
+    def _shortest_violation(self, obs: torch.Tensor, pool: torch.Tensor, pool_q_h: torch.Tensor) -> torch.Tensor:
+        """(B, obs_dim), (B, P, act_dim), (B, P) -> (B, act_dim): the lowest-Q_c action among those within
+        `cost_tiebreak` of the pool's lowest Q_h (module docstring; the choice where V_h(s) > 0)."""
         q_c = self._scores(self.cost_critic, obs, pool)
         ties = pool_q_h <= pool_q_h.min(dim=1, keepdim=True).values + self.hparams.cost_tiebreak
-        shortest = pool[torch.arange(obs.shape[0], device=obs.device), q_c.masked_fill(~ties, float("inf")).argmin(1)]
-        infeasible = self.feasibility_critic.value(obs) > 0
-        return torch.where(infeasible[:, None], shortest, chosen)
+        return pool[torch.arange(obs.shape[0], device=obs.device), q_c.masked_fill(~ties, float("inf")).argmin(1)]
 
     @staticmethod
     def _scores(critic, obs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """(B, obs_dim), (B, N, act_dim) -> (B, N): the critic's Q(s, a) of every candidate."""
-        n = candidates.shape[1]
-        flat = critic.q_value(repeat(obs, "b o -> (b n) o", n=n), rearrange(candidates, "b n a -> (b n) a"))
-        return rearrange(flat, "(b n) -> b n", n=n)
+        """(B, obs_dim), (B, N, act_dim) -> (B, N): the critic's Q(s, a) of every candidate (each state's part of the
+        critic's first layer computed once)."""
+        batch, n = candidates.shape[:2]
+        rows = torch.arange(batch, device=obs.device).repeat_interleave(n)
+        return critic.q_value_rows(obs, rows, candidates.reshape(batch * n, candidates.shape[-1])).view(batch, n)
 
     def _choose(self, obs: torch.Tensor, candidates: torch.Tensor,
                 q_h: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -56,7 +56,15 @@ class _QVCritic(SafeRLModule):
     # -- shared -----------------------------------------------------------------------------------------
     def q_value(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """Member-reduced target Q(s, a): the conservative estimate actors use."""
-        qs = self.q_target(obs, act)
+        return self.reduce(self.q_target(obs, act))
+
+    def q_value_rows(self, obs: torch.Tensor, rows: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """(S, obs_dim), (R,) state indices, (R, act_dim) -> (R,): `q_value(obs[rows], act)` with the state's part
+        of the first layer computed once per state (many actions scored at few states; equal up to float rounding)."""
+        return self.reduce(self.q_target.of_rows(obs, rows, act))
+
+    def reduce(self, qs: torch.Tensor) -> torch.Tensor:
+        """(E, ...) member values -> (...): the min (reward) or max (cost, feasibility) over members."""
         return qs.min(0).values if self.reduce_members == "min" else qs.max(0).values
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,10 @@ class DDPMSchedule(nn.Module):
         self.register_buffer("betas", betas, persistent=False)
         self.register_buffer("alphas", alphas, persistent=False)
         self.register_buffer("alpha_bars", torch.cumprod(alphas, 0), persistent=False)
+        # per index k: (beta_k / sqrt(1 - alpha_bar_k), sqrt(alpha_k), sqrt(beta_k)), computed in float32 and kept as
+        # Python numbers (exact): a reverse step then launches no scalar tensor ops (indexing, sqrt, division)
+        self.reverse_coefficients: list[tuple[float, float, float]] = list(zip(
+            (betas / (1 - self.alpha_bars).sqrt()).tolist(), alphas.sqrt().tolist(), betas.sqrt().tolist()))
 
     def add_noise(self, actions: torch.Tensor, k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """a_k = sqrt(alpha_bar_k) a_0 + sqrt(1 - alpha_bar_k) eps for per-row step indices k."""
@@ -42,9 +46,10 @@ class DDPMSchedule(nn.Module):
 
     def reverse_step(self, x: torch.Tensor, k: int, eps: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
         """One ancestral step from index k to k - 1; `noise` is ignored at k = 0."""
-        x = (x - self.betas[k] / (1 - self.alpha_bars[k]).sqrt() * eps) / self.alphas[k].sqrt()
+        eps_scale, alpha_sqrt, noise_scale = self.reverse_coefficients[k]
+        x = (x - eps_scale * eps) / alpha_sqrt
         if k > 0 and noise is not None:
-            x = x + self.betas[k].sqrt() * noise
+            x = x + noise_scale * noise
         return x.clamp(-self.clip, self.clip)
 
     def sample(self, eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple[int, ...],
