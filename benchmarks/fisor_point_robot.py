@@ -86,7 +86,6 @@ ABLATION = (
     ("proposals", (f"{ACTOR}uniform_proposals=512", f"{ACTOR}proposal_gain=0.005", f"{ACTOR}proposal_vertices=true")),
     ("ema_warmup_cosine_decay", (f"{ACTOR}ema_warmup=true", f"{ACTOR}cosine_decay_steps=6000")),
     ("bf16_actor", (f"stages.actor.trainer.precision={runs.bf16_if_native_cpu()}",)),
-    ("failure_violation", ("stages.feasibility_critic.model.init_args.failure_violation=0.8",)),
 )
 RANDOM_START_SEED = 2000  # episode seeds of the random starts: the results table's stream (2000, 2001, ...)
 COST_LIMITS = (0.0, 5.0, 10.0)
