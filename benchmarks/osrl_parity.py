@@ -9,9 +9,10 @@ OSRL (PyPI osrl-lib 0.1.0) runs in its own virtual environment, built by ``bench
 
 * ours: ``lightning-saferl pipeline --config configs/baselines/<method>_dsrl.yaml --data.task TASK --data.path FILE
   --cost_limit L`` in a subprocess of this interpreter, with the seed, the step count and the evaluation below;
-* OSRL's: benchmarks/osrl_worker.py in the OSRL venv trains OSRL's model with its trainer's ``train_one_step`` on the
-  file loaded as OSRL's example scripts load it, with the settings `osrl_settings` maps from our recipe (network
-  widths, learning rates, batch, steps, scales, algorithm constants), and exports its acting rule (TorchScript);
+* OSRL's: benchmarks/osrl_venv/train_osrl.py in the OSRL venv trains OSRL's model with its trainer's
+  ``train_one_step`` on the file loaded as OSRL's example scripts load it, with the settings `osrl_settings` maps
+  from our recipe (network widths, learning rates, batch, steps, scales, algorithm constants), and exports its
+  acting rule (TorchScript);
 * both policies are evaluated here by the same code, the project's ``evaluate_policy``: the recipe's episode count
   (``--episodes``), episode i reset with seed ``eval_seed + i``, one cost limit, DSRL normalisation with the
   registry's reference scores (``lightning_saferl.data.tasks``).
@@ -19,7 +20,8 @@ OSRL (PyPI osrl-lib 0.1.0) runs in its own virtual environment, built by ``bench
 The last printed line is a JSON object: method -> {ours_reward, ours_cost, osrl_reward, osrl_cost, ours_reward_std,
 ours_cost_std, osrl_reward_std, osrl_cost_std, seeds} (normalised return and cost, mean and population std over
 seeds); ``--write`` also writes it to docs/results/osrl_parity.json. RUN_DIR/details.json holds the per-seed
-scores, the settings OSRL was given and what could not be matched. Every value is passed to both sides, with these exceptions, which cannot be matched:
+scores, the settings OSRL was given and what could not be matched. Every value is passed to both sides, with these
+exceptions, which cannot be matched:
 
 * acting: OSRL acts as its ``model.act`` does: BCQ-Lag with the perturbation actor on one VAE sample, CPQ and
   COptiDICE with a sample of the tanh-Gaussian (``--osrl_acting mode`` takes its mean for these two). Ours: BCQ-Lag
@@ -52,7 +54,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "configs" / "baselines"
-WORKER = Path(__file__).resolve().parent / "osrl_worker.py"
+WORKER = Path(__file__).resolve().parent / "osrl_venv" / "train_osrl.py"
 RESULT_FILE = ROOT / "docs" / "results" / "osrl_parity.json"
 METHODS = ("bcq_lag", "cpq", "coptidice")
 OSRL_ENV = {"DSRL_SUPPRESS_IMPORT_ERROR": "1", "MPLBACKEND": "Agg", "WANDB_MODE": "offline"}
@@ -171,10 +173,10 @@ def thread_env(threads: int, extra: Optional[Mapping[str, str]] = None) -> dict[
     return env
 
 
-def run_logged(command: list[str], log: Path, env: Mapping[str, str]) -> str:
-    """Run `command`, its output to `log`; returns the output, or exits naming the log on failure."""
+def run_logged(command: list[str], log: Path, env: Mapping[str, str], cwd: Path = ROOT) -> str:
+    """Run `command` in `cwd`, its output to `log`; returns the output, or exits naming the log on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(command, cwd=ROOT, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    result = subprocess.run(command, cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     log.write_text(result.stdout)
     if result.returncode != 0:
@@ -194,22 +196,23 @@ def run_ours(method: str, seed: int, ours: Mapping[str, Any], args, out: Path) -
                "--trainer", json.dumps({"enable_progress_bar": False}), "--run_dir", str(out)]
     env = thread_env(args.threads, {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                                                  os.environ.get("PYTHONPATH")]))})
-    run_logged(command, out.with_suffix(".log"), env)
+    run_logged(command, out.with_suffix(".log"), env)  # `out` and the data path are absolute (`main`)
     return json.loads((out / "summary.json").read_text())
 
 
 def run_osrl(settings: Mapping[str, Any], args, out: Path) -> dict[str, Any]:
     """OSRL's training in its venv; the worker's JSON line (with `out`, the exported acting rule)."""
-    python = Path(args.osrl_venv) / "bin" / "python"
+    python, out = Path(args.osrl_venv) / "bin" / "python", out.resolve()
     if not python.exists():
         raise SystemExit(f"--osrl_venv {args.osrl_venv}: no bin/python there; build it with "
                          f"benchmarks/osrl_env.sh {args.osrl_venv}")
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "settings.json"
-    settings_file.write_text(json.dumps({**settings, "task": args.task, "data": str(Path(args.data).resolve()),
+    settings_file.write_text(json.dumps({**settings, "task": args.task, "data": args.data,
                                          "acting": args.osrl_acting, "out": str(out / "actor.pt")}, indent=1))
+    # in `out`: dsrl's pre_process_data saves a plot of the episodes into the working directory
     output = run_logged([str(python), str(WORKER), str(settings_file)], out / "train.log",
-                        thread_env(args.threads, OSRL_ENV))
+                        thread_env(args.threads, OSRL_ENV), cwd=out)
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -250,6 +253,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     if not Path(args.data).is_file():
         raise SystemExit(f"--data {args.data}: no such file")
+    args.data, args.run_dir = str(Path(args.data).resolve()), str(Path(args.run_dir).resolve())
 
     import torch
 

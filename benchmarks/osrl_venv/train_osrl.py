@@ -1,14 +1,15 @@
 """Train one of OSRL's own BCQ-Lag (BCQL), CPQ or COptiDICE on a DSRL-format file and export its acting rule.
 
 Runs inside OSRL's virtual environment (built by benchmarks/osrl_env.sh), never in the project's: it imports
-osrl-lib 0.1.0 and dsrl 0.1.0 only. Driven by benchmarks/osrl_parity.py:
+osrl-lib 0.1.0 and dsrl 0.1.0 only, which is why it lives apart from the benchmarks run in the project's environment.
+Driven by benchmarks/osrl_parity.py:
 
-    python benchmarks/osrl_worker.py SETTINGS.json
+    python benchmarks/osrl_venv/train_osrl.py SETTINGS.json
 
-SETTINGS.json (written by osrl_parity.osrl_settings): method (bcq_lag | cpq | coptidice), task (a DSRL id such as
-OfflineBallCircle-v0), data (HDF5 path), seed, steps, batch_size, cost_limit, episode_len, reward_scale,
-cost_scale, acting (own | mode), model (keyword arguments of OSRL's model class), trainer (of its trainer class),
-out (where the exported actor goes).
+SETTINGS.json (osrl_parity.osrl_settings plus task, data, acting and out): method (bcq_lag | cpq | coptidice),
+task (a DSRL id such as OfflineBallCircle-v0), data (HDF5 path), seed, steps, batch_size, cost_limit, episode_len,
+reward_scale, cost_scale, acting (own | mode), model (keyword arguments of OSRL's model class), trainer (of its
+trainer class), out (where the exported actor goes).
 
 The data path is OSRL's example scripts' (examples/train/train_*.py), without their logger and periodic evaluation:
 ``gym.make(task)`` (dsrl's OfflineEnvWrapper) -> ``get_dataset(h5path)`` -> ``set_target_cost`` ->
@@ -99,5 +100,5 @@ def main(settings_path: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: osrl_worker.py SETTINGS.json")
+        raise SystemExit("usage: train_osrl.py SETTINGS.json")
     main(sys.argv[1])
