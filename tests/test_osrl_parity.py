@@ -1,19 +1,21 @@
 """benchmarks/osrl_parity.py's pure parts: the mapping of our recipes' settings onto OSRL's arguments and the
 aggregation of per-seed scores. Training OSRL needs its own venv (benchmarks/osrl_env.sh) and is not run here."""
-import importlib.util
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def parity():
-    spec = importlib.util.spec_from_file_location("osrl_parity", ROOT / "benchmarks" / "osrl_parity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module("osrl_parity")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.mark.parametrize("method", ["bcq_lag", "cpq", "coptidice"])
