@@ -100,12 +100,13 @@ SHARED = ("obs_dim", "act_dim", "cost_limit", "max_episode_steps", "reward_scale
 
 def recipe_settings(method: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
     """Our policy stage's settings: its class's `defaults` updated by the recipe's init_args, plus batch_size,
-    steps, episodes and eval_seed (from configs/baselines/<method>_dsrl.yaml)."""
+    steps, episodes, num_envs and eval_seed (from configs/baselines/<method>_dsrl.yaml)."""
     config = yaml.safe_load((RECIPES / f"{method}_dsrl.yaml").read_text())
     stage = config["stages"]["policy"]
     settings = {**defaults, **stage["model"].get("init_args", {})}
     settings.update(batch_size=stage["data"]["batch_size"], steps=stage["trainer"]["max_steps"],
-                    episodes=config["evaluation"]["episodes"], eval_seed=config["evaluation"]["seed"])
+                    episodes=config["evaluation"]["episodes"], num_envs=config["evaluation"]["num_envs"],
+                    eval_seed=config["evaluation"]["seed"])
     return settings
 
 
@@ -139,7 +140,7 @@ def osrl_settings(method: str, ours: Mapping[str, Any], *, seed: int, steps: int
                 unmatched.append(f"{name}={value!r} (OSRL: none)")
             elif fixed[name] != value:
                 unmatched.append(f"{name}={value!r} (OSRL: {fixed[name]!r}, fixed)")
-        elif name not in SHARED and name not in ("batch_size", "steps", "episodes", "eval_seed"):
+        elif name not in SHARED and name not in ("batch_size", "steps", "episodes", "num_envs", "eval_seed"):
             raise KeyError(f"osrl_settings: {method} setting {name!r} has no OSRL counterpart listed")
     settings = {"method": method, "seed": int(seed), "steps": int(steps), "batch_size": int(ours["batch_size"]),
                 "cost_limit": float(cost_limit), "episode_len": int(episode_len),
@@ -192,7 +193,8 @@ def run_ours(method: str, seed: int, ours: Mapping[str, Any], args, out: Path) -
                "--cost_limit", str(args.cost_limit), "--seed_everything", str(seed),
                "--stages.policy.trainer.max_steps", str(ours["steps"]),
                "--stages.policy.data.batch_size", str(ours["batch_size"]),
-               "--evaluation.episodes", str(ours["episodes"]), "--evaluation.seed", str(ours["eval_seed"]),
+               "--evaluation.episodes", str(ours["episodes"]), "--evaluation.num_envs", str(ours["num_envs"]),
+               "--evaluation.seed", str(ours["eval_seed"]),
                "--trainer", json.dumps({"enable_progress_bar": False}), "--run_dir", str(out)]
     env = thread_env(args.threads, {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                                                  os.environ.get("PYTHONPATH")]))})
@@ -216,8 +218,9 @@ def run_osrl(settings: Mapping[str, Any], args, out: Path) -> dict[str, Any]:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def evaluate_exported(actor: str, task_spec, limit: float, episodes: int, eval_seed: int) -> dict[str, Any]:
-    """The project's evaluation of an exported (TorchScript) acting rule: observation batch -> action batch."""
+def evaluate_exported(actor: str, task_spec, limit: float, ours: Mapping[str, Any]) -> dict[str, Any]:
+    """The project's evaluation of an exported (TorchScript) acting rule (observation batch -> action batch) with the
+    episodes of our run (`recipe_settings`: episodes, num_envs, eval_seed)."""
     import torch
 
     from lightning_saferl.evaluation import evaluate_policy
@@ -230,7 +233,7 @@ def evaluate_exported(actor: str, task_spec, limit: float, episodes: int, eval_s
         def act(self, obs: torch.Tensor) -> torch.Tensor:
             return self.net(obs)
 
-    return evaluate_policy(Exported(), task_spec, [limit], episodes, 10, eval_seed)
+    return evaluate_policy(Exported(), task_spec, [limit], ours["episodes"], ours["num_envs"], ours["eval_seed"])
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -278,7 +281,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             settings, unmatched = osrl_settings(method, ours, seed=seed, steps=ours["steps"],
                                                 cost_limit=args.cost_limit, episode_len=spec.max_episode_steps)
             trained = run_osrl(settings, args, base / "osrl")
-            theirs = evaluate_exported(trained["out"], spec, args.cost_limit, ours["episodes"], ours["eval_seed"])
+            theirs = evaluate_exported(trained["out"], spec, args.cost_limit, ours)
             scores[method]["ours"].append((summary["normalized_return"], summary["normalized_cost"]))
             scores[method]["osrl"].append((theirs["normalized_return"], theirs["normalized_cost"]))
             per_seed.append({"seed": seed, "ours": scores[method]["ours"][-1], "osrl": scores[method]["osrl"][-1],
