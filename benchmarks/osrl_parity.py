@@ -20,8 +20,9 @@ OSRL (PyPI osrl-lib 0.1.0) runs in its own virtual environment, built by ``bench
 The last printed line is a JSON object: method -> {ours_reward, ours_cost, osrl_reward, osrl_cost, ours_reward_std,
 ours_cost_std, osrl_reward_std, osrl_cost_std, seeds} (normalised return and cost, mean and population std over
 seeds); ``--write`` also writes it to docs/results/osrl_parity.json. RUN_DIR/details.json holds the per-seed
-scores, the settings OSRL was given and what could not be matched. Every value is passed to both sides, with these
-exceptions, which cannot be matched:
+scores, the settings OSRL was given and what could not be matched. Rerun with the same arguments and run
+directory, the trainings finished on either side are reused and evaluated again (an interrupted parity continues).
+Every value is passed to both sides, with these exceptions, which cannot be matched:
 
 * acting: OSRL acts as its ``model.act`` does: BCQ-Lag with the perturbation actor on one VAE sample, CPQ and
   COptiDICE with a sample of the tanh-Gaussian (``--osrl_acting mode`` takes its mean for these two). Ours: BCQ-Lag
@@ -208,19 +209,25 @@ def run_ours(method: str, seed: int, ours: Mapping[str, Any], args, out: Path) -
 
 
 def run_osrl(settings: Mapping[str, Any], args, out: Path) -> dict[str, Any]:
-    """OSRL's training in its venv; the worker's JSON line (with `out`, the exported acting rule)."""
+    """OSRL's training in its venv; the worker's JSON line (with `out`, the exported acting rule). A training finished
+    in `out` with the same settings is reused (trained.json is written once the actor is saved)."""
     python, out = Path(args.osrl_venv) / "bin" / "python", out.resolve()
     if not python.exists():
         raise SystemExit(f"--osrl_venv {args.osrl_venv}: no bin/python there; build it with "
                          f"benchmarks/osrl_env.sh {args.osrl_venv}")
     out.mkdir(parents=True, exist_ok=True)
-    settings_file = out / "settings.json"
-    settings_file.write_text(json.dumps({**settings, "task": args.task, "data": args.data,
-                                         "acting": args.osrl_acting, "out": str(out / "actor.pt")}, indent=1))
+    settings_file, trained_file = out / "settings.json", out / "trained.json"
+    text = json.dumps({**settings, "task": args.task, "data": args.data, "acting": args.osrl_acting,
+                       "out": str(out / "actor.pt")}, indent=1)
+    if trained_file.exists() and settings_file.exists() and settings_file.read_text() == text:
+        return json.loads(trained_file.read_text())
+    trained_file.unlink(missing_ok=True)
+    settings_file.write_text(text)
     # in `out`: dsrl's pre_process_data saves a plot of the episodes into the working directory
     output = run_logged([str(python), str(WORKER), str(settings_file)], out / "train.log",
                         thread_env(args.threads, OSRL_ENV), cwd=out)
-    return json.loads(output.strip().splitlines()[-1])
+    trained_file.write_text(output.strip().splitlines()[-1])
+    return json.loads(trained_file.read_text())
 
 
 def evaluate_exported(actor: str, task_spec, limit: float, ours: Mapping[str, Any]) -> dict[str, Any]:
