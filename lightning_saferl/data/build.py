@@ -145,6 +145,33 @@ def _save_atomically(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _append_step(rollout: dict[str, list], obs: np.ndarray, next_obs: np.ndarray, actions: np.ndarray,
+                 log_probs: np.ndarray, step: list[tuple]) -> None:
+    """One lockstep step of every simulator (`step`: their (obs, r, terminated, truncated, info)) into the update's
+    rollout, a list per key with one row per simulator."""
+    for key, value in (("observations", obs), ("next_observations", next_obs), ("actions", actions),
+                       ("log_probs", log_probs), ("rewards", [s[1] for s in step]),
+                       ("costs", [s[4]["cost"] for s in step]), ("terminals", [float(s[2]) for s in step]),
+                       ("ends", [float(s[2] or s[3]) for s in step])):
+        rollout[key].append(value)
+
+
+def _write_episodes(path: Path, finished: list[dict[str, np.ndarray]], obs_dim: int, act_dim: int,
+                    seconds: float) -> None:
+    """A chunk's finished episodes as rows of the DSRL keys (compressed npz, written atomically), with each
+    episode's length and the chunk's seconds."""
+    widths = {"observations": obs_dim, "next_observations": obs_dim, "actions": act_dim}
+    rows = {k: np.concatenate([ep[k].reshape(-1, *([widths[k]] if k in widths else [])) for ep in finished]
+                              or [np.zeros((0, widths[k]) if k in widths else 0, np.float32)])
+            for k in REQUIRED_KEYS}
+    lengths = np.array([len(ep["rewards"]) for ep in finished], np.int64)
+
+    def write_chunk(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, lengths=lengths, seconds=seconds, **rows)
+    _save_atomically(path, write_chunk)
+
+
 def run_chunk(out: Path, settings: BuildSettings, agent_index: int, chunk: int) -> dict:
     """Train agent ``agent_index`` for chunk ``chunk`` (its state from the previous chunk), save its episodes and
     state; returns ``{"agent", "chunk", "seconds", "episodes", "mean_return", "mean_cost", "multiplier"}``."""
@@ -177,14 +204,7 @@ def run_chunk(out: Path, settings: BuildSettings, agent_index: int, chunk: int) 
                                        ("rewards", r), ("costs", info["cost"]), ("next_observations", o2),
                                        ("terminals", float(term)), ("timeouts", float(trunc and not term))):
                         running[e][key].append(value)
-                rollout["observations"].append(obs)
-                rollout["next_observations"].append(next_obs)
-                rollout["actions"].append(actions)
-                rollout["log_probs"].append(log_probs)
-                rollout["rewards"].append([s[1] for s in step])
-                rollout["costs"].append([s[4]["cost"] for s in step])
-                rollout["terminals"].append([float(s[2]) for s in step])
-                rollout["ends"].append([float(s[2] or s[3]) for s in step])
+                _append_step(rollout, obs, next_obs, actions, log_probs, step)
                 obs = next_obs.copy()
                 for e, (_, _, term, trunc, _) in enumerate(step):
                     if term or trunc:
@@ -201,16 +221,7 @@ def run_chunk(out: Path, settings: BuildSettings, agent_index: int, chunk: int) 
     directory = _agent_dir(out, agent_index)
     directory.mkdir(parents=True, exist_ok=True)
     seconds = time.perf_counter() - start
-    widths = {"observations": obs_dim, "next_observations": obs_dim, "actions": act_dim}
-    rows = {k: np.concatenate([ep[k].reshape(-1, *([widths[k]] if k in widths else [])) for ep in finished]
-                              or [np.zeros((0, widths[k]) if k in widths else 0, np.float32)])
-            for k in REQUIRED_KEYS}
-    lengths = np.array([len(ep["rewards"]) for ep in finished], np.int64)
-
-    def write_chunk(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, lengths=lengths, seconds=seconds, **rows)
-    _save_atomically(_chunk_path(out, agent_index, chunk), write_chunk)
+    _write_episodes(_chunk_path(out, agent_index, chunk), finished, obs_dim, act_dim, seconds)
     _save_atomically(state_path, lambda p: torch.save({"chunks_done": chunk + 1, "agent": agent.full_state()}, p))
     returns = [float(ep["rewards"].sum()) for ep in finished]
     costs = [float(ep["costs"].sum()) for ep in finished]
