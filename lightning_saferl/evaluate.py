@@ -162,11 +162,13 @@ def evaluate_main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     policy = load_policy(args.ckpt)
     paths: dict[int, tuple[list, list]] = {}
     frames: list[tuple[int, np.ndarray]] = []
-    factory = None
-    if args.plot:
-        factory = lambda task_id: PathRecorder(make_env(task_id), paths)  # noqa: E731
-    elif args.frames:
-        factory = lambda task_id: FrameRecorder(make_env(task_id), args.seed, args.frame_every, frames)  # noqa: E731
+
+    def factory(task_id: str) -> gym.Env:
+        env = make_env(task_id)
+        if args.plot:
+            return PathRecorder(env, paths)
+        return FrameRecorder(env, args.seed, args.frame_every, frames) if args.frames else env
+
     runner = EpisodeRunner(args.task, episodes=args.episodes, num_envs=min(args.num_envs, args.episodes),
                            seed=args.seed, reset_options={"random_start": True} if args.random_start else None,
                            env_factory=factory)
