@@ -247,10 +247,12 @@ def test_dsrl_get_dataset_reads_the_file(tiny_build):
     pytest.importorskip("dsrl")
     import gymnasium
 
-    from lightning_saferl.envs.dsrl import _import_dsrl_quietly
+    from lightning_saferl.envs.dsrl import _import_dsrl_quietly, _process_streams
 
     _import_dsrl_quietly("dsrl.offline_bullet_safety_gym")
-    dataset = gymnasium.make(TASK).unwrapped.get_dataset(h5path=str(tiny_build[0]))
+    with _process_streams():  # Bullet's constructor flushes the C stream named after sys.stdout (pytest's capture)
+        env = gymnasium.make(TASK)
+    dataset = env.unwrapped.get_dataset(h5path=str(tiny_build[0]))
     assert len(dataset["rewards"]) == 1000
 
 
