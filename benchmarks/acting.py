@@ -83,8 +83,7 @@ def reference_act(actor, obs: torch.Tensor) -> torch.Tensor:
     better = proposal_q_h.min(1).values < candidate_q_h[flagged].min(1).values - hp.proposal_gain
     actions[flagged[better]] = proposals[better, proposal_q_h.argmin(1)[better]]
     if hp.cost_tiebreak > 0:
-        pool = torch.cat((candidates[flagged], proposals), dim=1)
-        pool_q_h = torch.cat((candidate_q_h[flagged], proposal_q_h), dim=1)
+        pool, pool_q_h = candidates[flagged], candidate_q_h[flagged]
         q_c = _scores(actor.cost_critic, obs[flagged], pool)
         ties = pool_q_h <= pool_q_h.min(1, keepdim=True).values + hp.cost_tiebreak
         shortest = pool[torch.arange(len(flagged)), q_c.masked_fill(~ties, float("inf")).argmin(1)]

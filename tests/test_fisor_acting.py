@@ -99,3 +99,31 @@ def test_variant_acting_without_proposals_keeps_the_tie_break_at_infeasible_stat
         ties = q_h <= q_h.min(1, keepdim=True).values + tiebreak
         shortest = candidates[torch.arange(30), q_c.masked_fill(~ties, float("inf")).argmin(1)]
         assert torch.equal(chosen[infeasible], shortest[infeasible])
+
+
+class _FlatInfeasibleCritic(torch.nn.Module):
+    """V_h = 1 everywhere (every state infeasible) and Q_h = 1 for every action: all actions tie."""
+
+    def value(self, obs):
+        return torch.ones(obs.shape[0])
+
+    def q_value_rows(self, obs, rows, act):
+        return torch.ones(act.shape[0])
+
+
+class _CornerSeekingCostCritic(torch.nn.Module):
+    """Q_c = -|a|_1: the box's vertices score lowest, far below any in-distribution candidate."""
+
+    def q_value_rows(self, obs, rows, act):
+        return -act.abs().sum(-1)
+
+
+def test_cost_tiebreak_chooses_among_the_candidates_not_the_uniform_proposals():
+    """Q_c is fitted on the data's actions; its minimum over hundreds of proposals (vertices included) is mostly
+    error, so the tie-break pool is the actor's own candidates."""
+    actor = _variant_actor(num_candidates=4)
+    actor.feasibility_critic, actor.cost_critic = _FlatInfeasibleCritic(), _CornerSeekingCostCritic()
+    candidates = torch.tensor([[[0.1, 0.2], [-0.3, 0.4], [0.05, -0.05], [0.5, -0.1]]]).repeat(3, 1, 1)
+    actor.sample_candidates = lambda obs, n: candidates[:len(obs)]
+    actions = actor.act(torch.randn(3, 4))
+    torch.testing.assert_close(actions, candidates[:, 1])  # the candidate with the largest |a|_1, not a vertex

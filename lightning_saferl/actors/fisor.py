@@ -30,7 +30,9 @@ Departures, each off by default (the variant's recipe, configs/fisor_guard/, tur
   deems unavoidable, e.g. inside a hazard) every action's Q_h scores the same worst violation, not its length, so
   the lowest Q_h is decided by critic error (and braking at rest repeats the state). There the action is
       argmin_{a in P} Q_c(s, a)  over  P = {a : Q_h(s, a) <= min_a' Q_h(s, a') + e},
-  a among the candidates (and the proposals where scored): the tie is broken by the shortest violation.
+  a among the candidates only: the tie is broken by the shortest violation. Uniform proposals stay out of P: Q_c
+  is fitted on the data's actions, and its lowest value over hundreds of out-of-distribution proposals is mostly
+  error (with them in P the variant stayed inside hazards longer: docs/ablations.md, FISOR-Guard cost tie-break).
 * ``ema_warmup``: tau_k = max(ema_tau, 9 / (10 + k)) (the random initialisation forgotten within the first updates
   of a short run). It reaches ema_tau = 0.001 at k = 8990; over 6000 updates tau ends at 9 / 6009 = 0.0015.
 * ``cosine_decay_steps`` shorter than the reference's 3M updates (the run's own length: decay to 0).
@@ -264,7 +266,7 @@ class FisorActor(SafeRLModule):
         """As `_act`; at critic-infeasible states (V_h > -proposal_margin) the safest of K uniform proposals (some
         coordinates snapped to the bounds with `proposal_snap`; the box's vertices added with `proposal_vertices`)
         replaces the choice where it beats every candidate's Q_h by more than `proposal_gain`; with a cost
-        tie-break, candidates and proposals form the pool of `_shortest_violation` at the states with V_h > 0 (eager:
+        tie-break, the candidates are the pool of `_shortest_violation` at the states with V_h > 0 (eager:
         the flagged rows are data-dependent). One feasibility-critic pass scores every candidate and the flagged
         states' proposals; V_h(s) is computed once; Q_c only where the tie-break applies."""
         h = self.hparams
@@ -289,9 +291,7 @@ class FisorActor(SafeRLModule):
         if self._hp("cost_tiebreak") > 0:
             infeasible = (v_h[flagged] > 0).nonzero().squeeze(1)  # positions in `flagged`
             states = flagged[infeasible]
-            pool = torch.cat((candidates[states], proposals[infeasible]), dim=1)
-            pool_q_h = torch.cat((candidate_q_h[states], proposal_q_h[infeasible]), dim=1)
-            actions[states] = self._shortest_violation(obs[states], pool, pool_q_h)
+            actions[states] = self._shortest_violation(obs[states], candidates[states], candidate_q_h[states])
         return actions
 
     def _proposals(self, num_states: int, obs: torch.Tensor) -> torch.Tensor:
