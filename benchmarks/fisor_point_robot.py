@@ -45,6 +45,7 @@ changed (and those fed by them). BC checkpoints are named by seed, dataset and s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import shutil
@@ -58,6 +59,7 @@ import lightning as L
 import numpy as np
 import torch
 
+import lightning_saferl
 from lightning_saferl import runs
 from lightning_saferl.actors import BCAll, BCSafe
 from lightning_saferl.callbacks.feasible_region import DEFAULT_SLICES, plot_feasible_region, region_scores
@@ -123,17 +125,17 @@ def dataset_figures(data: OfflineDataModule) -> dict:
 
 
 def train_bc(cls, steps: int, seed_dir: Path, seed: int, behavior: str):
-    """BC-All / BC-Safe with seed `seed` on the dataset `behavior` (checkpoint named by class and steps)."""
+    """BC-All / BC-Safe with seed `seed` on the dataset `behavior`, and its checkpoint (named by class and steps)."""
     path = seed_dir / f"{cls.__name__.lower()}_steps{steps}.ckpt"
     if path.exists():
-        return load_module(str(path))
+        return load_module(str(path)), path
     L.seed_everything(seed)
     model = cls(obs_dim=pr.OBS_DIM, act_dim=pr.ACT_DIM)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=OfflineDataModule(task=pr.ENV_ID, batch_size=256, seed=seed, behavior=behavior))
     trainer.save_checkpoint(path, weights_only=True)
-    return model
+    return model, path
 
 
 def recipe_steps(args) -> list[tuple[str, str, list[str]]]:
@@ -197,6 +199,33 @@ def policy_figures(policy, data: dict, args) -> dict:
     }
 
 
+def _sha256(paths) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+PACKAGE_SHA256 = _sha256(sorted(Path(lightning_saferl.__file__).parent.rglob("*.py")))
+
+
+def cached_figures(checkpoint: Path, data: dict, args, compute) -> dict:
+    """`compute()` (a policy's `policy_figures`), kept in ``<checkpoint>.figures.json`` and reused while the
+    checkpoint, the package's code, the held-out starts and the episode counts are the same: an interrupted
+    benchmark resumes with its evaluations, not only its training."""
+    key = {"checkpoint_sha256": _sha256([checkpoint]), "package_sha256": PACKAGE_SHA256,
+           "starts_sha256": hashlib.sha256(json.dumps(data["starts"]).encode()).hexdigest(),
+           **{name: getattr(args, name) for name in ("start_seed", "standard_episodes", "random_episodes")}}
+    path = checkpoint.with_name(checkpoint.name + ".figures.json")
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["figures"]
+    figures = compute()
+    path.write_text(json.dumps({"key": key, "figures": figures}, indent=1))
+    return figures
+
+
 def _copy_run(source: Path, target: Path) -> None:
     """Start `target` from `source`'s finished stages (not its lock or summary) unless it exists already."""
     if source.exists() and not target.exists():
@@ -213,8 +242,11 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
         if previous is not None:
             _copy_run(previous, step_dir)
         actor = train_step(recipe, settings, step_dir, seed, behavior, args)
-        L.seed_everything(seed)  # the policy's own sampling
-        steps[name] = policy_figures(actor, data, args)
+
+        def evaluate(policy=actor) -> dict:
+            L.seed_everything(seed)  # the policy's own sampling
+            return policy_figures(policy, data, args)
+        steps[name] = cached_figures(step_dir / "actor" / "model.ckpt", data, args, evaluate)
         print_table(steps[name], f"PointRobot, dataset '{behavior}', seed {seed}: {name}")
         previous = step_dir
     critic = actor.feasibility_critic  # the variant's (the last step)
@@ -226,9 +258,12 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
         critic_greedy = greedy_violations(critic.q_value, data["tight_starts"]).float().mean()  # nan without any
     baselines = {}
     for name, cls in (("bc_all", BCAll), ("bc_safe", BCSafe)):
-        policy = train_bc(cls, args.bc_steps, seed_dir, seed, behavior).eval()
-        L.seed_everything(seed)
-        baselines[name] = policy_figures(policy, data, args)
+        policy, checkpoint = train_bc(cls, args.bc_steps, seed_dir, seed, behavior)
+
+        def evaluate(policy=policy.eval()) -> dict:
+            L.seed_everything(seed)
+            return policy_figures(policy, data, args)
+        baselines[name] = cached_figures(checkpoint, data, args, evaluate)
     variant, reference = steps["fisor_guard"], steps["published"]
     return {
         **variant,

@@ -56,7 +56,12 @@ def test_the_ablation_goes_from_the_published_recipe_to_the_variant(bench, tmp_p
 def test_one_seed_reports_the_variant_the_published_recipe_and_the_baselines(bench, tmp_path, monkeypatch):
     tiny = write_tiny(tmp_path / "tiny.hdf5")
     monkeypatch.setattr(bench, "parse_args", lambda argv: parse_args([*argv, "--data.path", tiny]))
-    monkeypatch.setattr(bench, "train_bc", lambda cls, steps, seed_dir, seed, behavior: cls(pr.OBS_DIM, pr.ACT_DIM))
+
+    def untrained_bc(cls, steps, seed_dir, seed, behavior):
+        model, path = cls(pr.OBS_DIM, pr.ACT_DIM), seed_dir / f"{cls.__name__}.pt"
+        torch.save(model.state_dict(), path)
+        return model, path
+    monkeypatch.setattr(bench, "train_bc", untrained_bc)
     starts = torch.tensor([[-1.8, 0.0, 1.0, math.pi / 4], [1.5, -1.2, 1.5, math.pi / 2]], dtype=torch.float64)
     observations = pr.observe(starts).float()
     data = {"starts": [{"state": s.tolist()} for s in starts], "escape_margin": escape_margin(starts).numpy(),
@@ -85,3 +90,21 @@ def test_one_seed_reports_the_variant_the_published_recipe_and_the_baselines(ben
             "reference_feasible_start_violation_rate_mean", "reference_goal_rate_mean",
             "reference_random_start_cost_mean", "feasible_start_violation_rate_mean"} <= set(summary)
     assert set(summary["ablation"]) == {"published", "fisor_guard"}
+
+
+def test_figures_are_reused_while_checkpoint_code_and_starts_are_the_same(bench, tmp_path):
+    checkpoint, calls = tmp_path / "model.ckpt", []
+    checkpoint.write_bytes(b"weights")
+    data, args = {"starts": [{"state": [0.0, 1.0, 0.0, 0.0]}]}, _args(bench, tmp_path)
+
+    def compute():
+        calls.append(1)
+        return {"goal_rate": 0.5 + len(calls)}
+    assert bench.cached_figures(checkpoint, data, args, compute) == {"goal_rate": 1.5}
+    assert bench.cached_figures(checkpoint, data, args, compute) == {"goal_rate": 1.5} and len(calls) == 1
+    checkpoint.write_bytes(b"retrained")
+    assert bench.cached_figures(checkpoint, data, args, compute) == {"goal_rate": 2.5}
+    args.random_episodes += 1
+    assert bench.cached_figures(checkpoint, data, args, compute) == {"goal_rate": 3.5}
+    data["starts"][0]["state"][0] = 0.5
+    assert bench.cached_figures(checkpoint, data, args, compute) == {"goal_rate": 4.5} and len(calls) == 4
