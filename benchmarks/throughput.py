@@ -7,7 +7,7 @@ Prints a table (median, inter-quartile range, min and max per figure) and, last,
 What is timed: the real module code path outside the Lightning Trainer loop, step by step:
 ``batch = datamodule.next_batch()`` (device-side sampling), ``optimizer.zero_grad()``,
 ``module.training_step(batch)`` (losses, non-finite check), ``loss.backward()``, ``optimizer.step()`` (the
-optimiser of ``module.configure_optimizers()``) and ``module.on_train_batch_end`` (EMA / Polyak update).
+optimiser of ``module.configure_optimizers()``) and ``module.after_optimizer_step()`` (EMA / Polyak update).
 The Lightning loop's own per-step cost is measured once (``Trainer.fit`` on a RewardCritic, minimal trainer:
 no logger, progress bar, checkpointing, model summary or validation) as the median step time inside ``fit`` minus the
 median bare step of the same module.
@@ -189,13 +189,15 @@ class BareLoop:
         self.autocast = autocast
 
     def __call__(self, i: int) -> None:
-        batch = self.dm.next_batch()
+        self.step_on(self.dm.next_batch(), i)
+
+    def step_on(self, batch: dict, i: int) -> None:
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
             loss = self.module.training_step(batch, i)
         loss.backward()
         self.opt.step()
-        self.module.on_train_batch_end(loss, batch, i)
+        self.module.after_optimizer_step()
 
 
 def lightning_overhead(module_factory, dm_factory, steps: int, bare_median_ms: float) -> dict:
@@ -361,11 +363,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         def critic_step(i: int) -> None:
             batch = dm256.next_batch()  # both critics see the same batch, as FISOR's joint update does
             for loop in critic_loops:
-                loop.opt.zero_grad(set_to_none=True)
-                loss = loop.module.training_step(batch, i)
-                loss.backward()
-                loop.opt.step()
-                loop.module.on_train_batch_end(loss, batch, i)
+                loop.step_on(batch, i)
 
         stats = repeat(critic_step, 3 * reps)
         flops = sum(critic_step_flops(c, 256) for c in critics)
