@@ -15,6 +15,8 @@ from every folder.
 import pytest
 import torch
 
+from tiny_data import write_tiny
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _single_thread_torch():
@@ -24,3 +26,9 @@ def _single_thread_torch():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """`write_tiny`'s default file, once per test module: 4 episodes of 50 steps, costs only in the last two."""
+    return write_tiny(tmp_path_factory.mktemp("data") / "tiny.hdf5")

@@ -30,11 +30,6 @@ def ckpt(path):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny(tmp_path_factory.mktemp("data") / "tiny.hdf5")
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny):
     """Checkpoints of a feasibility critic, a reward critic and a BC policy, each from a 4-step `fit`."""
     root = tmp_path_factory.mktemp("trained")

@@ -16,7 +16,6 @@ from lightning_saferl.data.tasks import get_task
 from lightning_saferl.evaluation import limit_scores
 from lightning_saferl.sweep import resolved_config, run_sweep, sweep_main
 from lightning_saferl.table import table_main
-from tiny_data import write_tiny
 
 ray = pytest.importorskip("ray")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -43,12 +42,6 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=80 * 1024 ** 2)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    # 4 episodes of 50 steps; the last two have cost 7 each: BC-Safe keeps 2 episodes at limit 0, all 4 at limit 10
-    return write_tiny(tmp_path_factory.mktemp("data") / "tiny.hdf5")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from lightning_saferl.actors.bcq_lag import PIDLagrangian
 from lightning_saferl.actors.common import cost_threshold
 from lightning_saferl.cli import main
 from lightning_saferl.policy import load_policy
-from tiny_data import write_tiny
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "baselines"
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
@@ -265,11 +264,6 @@ def test_coptidice_policy_cost_estimate_drives_lambda_where_the_dice_estimate_do
 # ------------------------------------------------------------------------------------------------------------
 # recipes: every one runs through the pipeline, and its checkpoint loads as a policy
 # ------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny(tmp_path_factory.mktemp("data") / "tiny.hdf5")
-
-
 def _smoke(recipe: str, run: Path, *extra: str) -> dict:
     """The recipe as written (networks, settings, evaluation) at batch 32: --smoke runs 5 steps and 2 episodes."""
     config = yaml.safe_load((CONFIGS / recipe).read_text())

@@ -53,11 +53,6 @@ def write_yaml(path, obj):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny(tmp_path_factory.mktemp("data") / "tiny.hdf5")
-
-
-@pytest.fixture(scope="module")
 def fisor_run(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("fisor")
     recipe = write_yaml(root / "recipe.yaml", fisor_recipe(tiny))
