@@ -5,6 +5,7 @@ with ``--ablation``, each departure added in turn; against BC-All and BC-Safe on
                                            [--run_dir benchmarks/out/fisor_point_robot] [--jobs 1] [--quick]
                                            [--ablation] [--random_episodes 500]
                                            [--set stages.<stage>.<key>=<value> ...]
+                                           [--table_json docs/results/fisor_point_robot.json [--table_only]]
 
 Datasets (generated, data seed 0): ``mixed`` (the default data) and ``scarce`` (safe expert episodes <= 10 %;
 figures with the suffix ``_scarce``). For every dataset and seed S, each recipe step runs as a pipeline
@@ -39,7 +40,9 @@ Held-out starts: drawn from the evaluation stream ``EVALUATION_STREAM + start_se
 (`lightning_saferl.envs.oracle.feasible_starts`), never used by data collection, and checked to contain no row of
 the dataset. Reported figures use ``--start_seed 0``; tune with other start seeds (e.g. ``--start_seed 1``).
 Re-running on the same run_dir reuses finished stages of the same config and retrains the stages whose config
-changed (and those fed by them). BC checkpoints are named by seed, dataset and steps. Figures:
+changed (and those fed by them); each policy's figures are kept beside its checkpoint and reused while checkpoint,
+package code, starts and episode counts are the same. ``--table_json`` writes the ablation table (every step and
+BC-All / BC-Safe, per seed) for docs/gen_results.py; ``--table_only`` builds it from the kept figures alone. BC checkpoints are named by seed, dataset and steps. Figures:
 <run_dir>/<dataset>/seed<S>/feasible_region.png (the oracle's shadow hatched).
 """
 from __future__ import annotations
@@ -48,6 +51,7 @@ import argparse
 import hashlib
 import json
 import multiprocessing
+import os
 import shutil
 import statistics
 import time
@@ -350,6 +354,70 @@ def summarize_dataset(behavior: str, data: dict, per_seed: dict, seeds: list[int
     }
 
 
+#: the ablation table's columns: (title, STEP_KEYS figure, scale, unit)
+TABLE_COLUMNS = (
+    ("violating from held-out feasible starts", "feasible_start_violation_rate", 100, "%"),
+    ("of the tight ones", "feasible_start_violation_rate_tight", 100, "%"),
+    ("goal rate from them", "goal_rate", 1, ""),
+    ("random starts: mean episode cost", "random_start_cost", 1, ""),
+    ("random starts: return", "random_start_return", 1, ""),
+    ("standard start: violating steps", "standard_start_violations", 1, ""),
+    ("standard start: goal rate", "standard_start_goal_rate", 1, ""),
+)
+
+
+def _cell(values: list[float], unit: str) -> dict:
+    cell = {"seeds": [round(v, 4) for v in values], "mean": round(statistics.fmean(values), 4),
+            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
+    return {**cell, "unit": unit} if unit else cell
+
+
+def ablation_table(run_dir: Path, behavior: str, seeds: list[int], args) -> dict:
+    """The docs' plain table (`docs/gen_results.py`) of every recipe step and BC-All / BC-Safe, one row each, from
+    the figures kept beside their checkpoints in `run_dir` (`cached_figures`); per-seed values, mean and std."""
+    checkpoints = {name: lambda seed_dir, step=name.lstrip("+"): seed_dir / step / "actor" / "model.ckpt"
+                   for name, _, _ in recipe_steps(args)}
+    for label, cls in (("BC-All", BCAll), ("BC-Safe", BCSafe)):
+        checkpoints[f"{label} ({args.bc_steps} steps)"] = \
+            lambda seed_dir, cls=cls: seed_dir / f"{cls.__name__.lower()}_steps{args.bc_steps}.ckpt"
+    rows = []
+    for name, checkpoint in checkpoints.items():
+        figures = []
+        for seed in seeds:
+            path = checkpoint(run_dir / behavior / f"seed{seed}")
+            path = path.with_name(path.name + ".figures.json")
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: no figures for '{name}', seed {seed}; run the benchmark first")
+            figures.append(json.loads(path.read_text())["figures"])
+        rows.append([name, *(_cell([f[key] * scale for f in figures], unit) for _, key, scale, unit in TABLE_COLUMNS)])
+    return {"columns": ["recipe step", *(title for title, _, _, _ in TABLE_COLUMNS)], "rows": rows}
+
+
+def _machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def write_table_json(path: Path, run_dir: Path, seeds: list[int], args) -> None:
+    """`ablation_table` with its title, machine, date, command and protocol as ``tables.ablation`` of `path` (other
+    tables in the file are kept)."""
+    document = json.loads(path.read_text()) if path.exists() else {"tables": {}}
+    document["tables"]["ablation"] = {
+        "title": f"FISOR (published) to FISOR-Guard on PointRobot, one departure at a time, {len(seeds)} seeds",
+        "machine": _machine(), "date": time.strftime("%Y-%m-%d"),
+        "command": f"python benchmarks/fisor_point_robot.py --seeds {' '.join(map(str, seeds))} --datasets mixed "
+                   f"--ablation --jobs 2",
+        "protocol": f"Each step adds one departure to the published recipe (the ones before it kept); the last row "
+                    f"but two is the variant's recipe. {args.feasible_episodes} held-out feasible starts "
+                    f"(evaluation stream {args.start_seed}), {args.random_episodes} random starts (episode seeds "
+                    f"{RANDOM_START_SEED}..), {args.standard_episodes} standard-start episodes; per seed "
+                    f"({', '.join(map(str, seeds))}), mean and sample std.",
+        **ablation_table(run_dir, "mixed", seeds, args)}
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    print(f"[benchmark] wrote tables.ablation of {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
@@ -375,6 +443,11 @@ def main() -> None:
                              "~0.3 points")
     parser.add_argument("--jobs", type=int, default=1,
                         help="(seed, dataset) runs in this many worker processes (one thread each when > 1)")
+    parser.add_argument("--table_json", type=Path, default=None,
+                        help="also write the ablation table (every step, BC-All, BC-Safe; dataset 'mixed') as a "
+                             "docs/results JSON file (key tables.ablation)")
+    parser.add_argument("--table_only", action="store_true",
+                        help="with --table_json: build the table from the figures already in --run_dir, run nothing")
     args = parser.parse_args()
     malformed = [setting for setting in args.set if "=" not in setting or setting.startswith("-")]
     if malformed:
@@ -382,6 +455,11 @@ def main() -> None:
     if args.quick:
         args.standard_episodes, args.feasible_episodes, args.bc_steps, args.random_episodes = 2, 4, 5, 4
     run_dir = Path(args.run_dir)
+    if args.table_only:
+        if args.table_json is None:
+            parser.error("--table_only needs --table_json")
+        write_table_json(args.table_json, run_dir, args.seeds, args)
+        return
     data = {behavior: prepare_dataset(behavior, args) for behavior in args.datasets}
     units = [(seed, behavior, data[behavior], args, run_dir)
              for behavior in args.datasets for seed in args.seeds]
@@ -407,6 +485,8 @@ def main() -> None:
         per_seed = {seed: figures[seed, behavior] for seed in seeds}
         summary = summarize_dataset(behavior, data[behavior], per_seed, seeds)
         results.update({f"{k}{suffix}": v for k, v in {"seeds": seeds, **summary}.items()})
+    if args.table_json is not None and "mixed" in args.datasets and not failed:
+        write_table_json(args.table_json, run_dir, args.seeds, args)
     print(json.dumps(results))
 
 

@@ -2,6 +2,7 @@
 variant) and one seed's figures at smoke size on a tiny file."""
 import argparse
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -108,3 +109,25 @@ def test_figures_are_reused_while_checkpoint_code_and_starts_are_the_same(bench,
     assert bench.cached_figures(checkpoint, data, args, compute) == {"goal_rate": 3.5}
     data["starts"][0]["state"][0] = 0.5
     assert bench.cached_figures(checkpoint, data, args, compute) == {"goal_rate": 4.5} and len(calls) == 4
+
+
+def test_the_ablation_table_holds_every_step_and_both_baselines_per_seed(bench, tmp_path):
+    args = _args(bench, tmp_path, ablation=True, feasible_episodes=2000)
+    run_dir, steps = tmp_path / "bench", bench.recipe_steps(args)
+    for seed in (0, 1):
+        seed_dir = run_dir / "mixed" / f"seed{seed}"
+        places = [seed_dir / name.lstrip("+") / "actor" / "model.ckpt" for name, _, _ in steps]
+        places += [seed_dir / f"{cls}_steps{args.bc_steps}.ckpt" for cls in ("bcall", "bcsafe")]
+        for rank, place in enumerate(places):
+            place.parent.mkdir(parents=True, exist_ok=True)
+            figures = {key: seed + rank / 10 for _, key, _, _ in bench.TABLE_COLUMNS}
+            place.with_name(place.name + ".figures.json").write_text(json.dumps({"key": {}, "figures": figures}))
+    table = bench.ablation_table(run_dir, "mixed", [0, 1], args)
+    assert [row[0] for row in table["rows"]] == [name for name, _, _ in steps] + \
+        ["BC-All (5 steps)", "BC-Safe (5 steps)"]
+    assert len(table["columns"]) == len(bench.TABLE_COLUMNS) + 1
+    violating = table["rows"][1][1]  # the first departure, violating %: seeds 0.1 and 1.1 (x 100)
+    assert violating["seeds"] == [10.0, 110.0] and violating["mean"] == 60.0 and violating["unit"] == "%"
+    assert violating["std"] == pytest.approx(70.7107, abs=1e-3)
+    with pytest.raises(FileNotFoundError, match="seed 2"):
+        bench.ablation_table(run_dir, "mixed", [0, 1, 2], args)
