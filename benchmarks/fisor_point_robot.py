@@ -231,9 +231,9 @@ def cached_figures(checkpoint: Path, data: dict, args, compute) -> dict:
 
 
 def _copy_run(source: Path, target: Path) -> None:
-    """Start `target` from `source`'s finished stages (not its lock or summary) unless it exists already."""
+    """Start `target` from `source`'s finished stages (not its lock, summary or figures) unless it exists already."""
     if source.exists() and not target.exists():
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns(".pipeline.lock", "summary.json"))
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns(".pipeline.lock", "summary.json", "*.figures.json"))
 
 
 def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
@@ -384,11 +384,13 @@ def ablation_table(run_dir: Path, behavior: str, seeds: list[int], args) -> dict
     for name, checkpoint in checkpoints.items():
         figures = []
         for seed in seeds:
-            path = checkpoint(run_dir / behavior / f"seed{seed}")
-            path = path.with_name(path.name + ".figures.json")
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: no figures for '{name}', seed {seed}; run the benchmark first")
-            figures.append(json.loads(path.read_text())["figures"])
+            model = checkpoint(run_dir / behavior / f"seed{seed}")
+            path = model.with_name(model.name + ".figures.json")
+            stored = json.loads(path.read_text()) if path.exists() and model.exists() else None
+            if stored is None or stored["key"].get("checkpoint_sha256") != _sha256([model]):
+                raise FileNotFoundError(f"{path}: no figures of the checkpoint beside it for '{name}', seed {seed}; "
+                                        f"run the benchmark first")
+            figures.append(stored["figures"])
         rows.append([name, *(_cell([f[key] * scale for f in figures], unit) for _, key, scale, unit in TABLE_COLUMNS)])
     return {"columns": ["recipe step", *(title for title, _, _, _ in TABLE_COLUMNS)], "rows": rows}
 

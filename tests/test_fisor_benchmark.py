@@ -120,8 +120,10 @@ def test_the_ablation_table_holds_every_step_and_both_baselines_per_seed(bench, 
         places += [seed_dir / f"{cls}_steps{args.bc_steps}.ckpt" for cls in ("bcall", "bcsafe")]
         for rank, place in enumerate(places):
             place.parent.mkdir(parents=True, exist_ok=True)
+            place.write_bytes(f"weights {seed} {rank}".encode())
             figures = {key: seed + rank / 10 for _, key, _, _ in bench.TABLE_COLUMNS}
-            place.with_name(place.name + ".figures.json").write_text(json.dumps({"key": {}, "figures": figures}))
+            key = {"checkpoint_sha256": bench._sha256([place])}
+            place.with_name(place.name + ".figures.json").write_text(json.dumps({"key": key, "figures": figures}))
     table = bench.ablation_table(run_dir, "mixed", [0, 1], args)
     assert [row[0] for row in table["rows"]] == [name for name, _, _ in steps] + \
         ["BC-All (5 steps)", "BC-Safe (5 steps)"]
@@ -131,3 +133,7 @@ def test_the_ablation_table_holds_every_step_and_both_baselines_per_seed(bench, 
     assert violating["std"] == pytest.approx(70.7107, abs=1e-3)
     with pytest.raises(FileNotFoundError, match="seed 2"):
         bench.ablation_table(run_dir, "mixed", [0, 1, 2], args)
+    retrained = run_dir / "mixed" / "seed1" / "published" / "actor" / "model.ckpt"
+    retrained.write_bytes(b"retrained, not evaluated yet")  # figures of another checkpoint are not this one's
+    with pytest.raises(FileNotFoundError, match="'published', seed 1"):
+        bench.ablation_table(run_dir, "mixed", [0, 1], args)
