@@ -42,8 +42,9 @@ the dataset. Reported figures use ``--start_seed 0``; tune with other start seed
 Re-running on the same run_dir reuses finished stages of the same config and retrains the stages whose config
 changed (and those fed by them); each policy's figures are kept beside its checkpoint and reused while checkpoint,
 package code, starts and episode counts are the same. ``--table_json`` writes the ablation table (every step and
-BC-All / BC-Safe, per seed) for docs/gen_results.py; ``--table_only`` builds it from the kept figures alone. BC checkpoints are named by seed, dataset and steps. Figures:
-<run_dir>/<dataset>/seed<S>/feasible_region.png (the oracle's shadow hatched).
+BC-All / BC-Safe, per seed) for docs/gen_results.py; ``--table_only`` builds it from the kept figures alone. BC
+checkpoints are named by seed, dataset and steps. Figures: <run_dir>/<dataset>/seed<S>/feasible_region.png (the
+oracle's shadow hatched).
 """
 from __future__ import annotations
 
@@ -233,24 +234,27 @@ def cached_figures(checkpoint: Path, data: dict, args, compute) -> dict:
 def _copy_run(source: Path, target: Path) -> None:
     """Start `target` from `source`'s finished stages (not its lock, summary or figures) unless it exists already."""
     if source.exists() and not target.exists():
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns(".pipeline.lock", "summary.json", "*.figures.json"))
+        shutil.copytree(source, target,
+                        ignore=shutil.ignore_patterns(".pipeline.lock", "summary.json", "*.figures.json"))
 
 
 def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
     """Every recipe step, the BC baselines and every figure of one (seed, dataset); `data` from `prepare_dataset`."""
     started = time.time()
     seed_dir = run_dir / behavior / f"seed{seed}"
+
+    def figures_of(policy, checkpoint: Path) -> dict:
+        def evaluate() -> dict:
+            L.seed_everything(seed)  # the policy's own sampling
+            return policy_figures(policy.eval(), data, args)
+        return cached_figures(checkpoint, data, args, evaluate)
     steps, previous = {}, None
     for name, recipe, settings in recipe_steps(args):
         step_dir = seed_dir / name.lstrip("+")
         if previous is not None:
             _copy_run(previous, step_dir)
         actor = train_step(recipe, settings, step_dir, seed, behavior, args)
-
-        def evaluate(policy=actor) -> dict:
-            L.seed_everything(seed)  # the policy's own sampling
-            return policy_figures(policy, data, args)
-        steps[name] = cached_figures(step_dir / "actor" / "model.ckpt", data, args, evaluate)
+        steps[name] = figures_of(actor, step_dir / "actor" / "model.ckpt")
         print_table(steps[name], f"PointRobot, dataset '{behavior}', seed {seed}: {name}")
         previous = step_dir
     critic = actor.feasibility_critic  # the variant's (the last step)
@@ -262,12 +266,7 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
         critic_greedy = greedy_violations(critic.q_value, data["tight_starts"]).float().mean()  # nan without any
     baselines = {}
     for name, cls in (("bc_all", BCAll), ("bc_safe", BCSafe)):
-        policy, checkpoint = train_bc(cls, args.bc_steps, seed_dir, seed, behavior)
-
-        def evaluate(policy=policy.eval()) -> dict:
-            L.seed_everything(seed)
-            return policy_figures(policy, data, args)
-        baselines[name] = cached_figures(checkpoint, data, args, evaluate)
+        baselines[name] = figures_of(*train_bc(cls, args.bc_steps, seed_dir, seed, behavior))
     variant, reference = steps["fisor_guard"], steps["published"]
     return {
         **variant,
@@ -395,19 +394,14 @@ def ablation_table(run_dir: Path, behavior: str, seeds: list[int], args) -> dict
     return {"columns": ["recipe step", *(title for title, _, _, _ in TABLE_COLUMNS)], "rows": rows}
 
 
-def _machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
 def write_table_json(path: Path, run_dir: Path, seeds: list[int], args) -> None:
     """`ablation_table` with its title, machine, date, command and protocol as ``tables.ablation`` of `path` (other
     tables in the file are kept)."""
     document = json.loads(path.read_text()) if path.exists() else {"tables": {}}
     document["tables"]["ablation"] = {
         "title": f"FISOR (published) to FISOR-Guard on PointRobot, one departure at a time, {len(seeds)} seeds",
-        "machine": _machine(), "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{runs.cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
         "command": f"python benchmarks/fisor_point_robot.py --seeds {' '.join(map(str, seeds))} --datasets mixed "
                    f"--ablation --jobs 2",
         "protocol": f"Each step adds one departure to the published recipe (the ones before it kept); the last row "

@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -50,16 +49,6 @@ import torch
 OBS_DIM, ACT_DIM = 11, 2
 PEAK_SIZE = 2048
 QUICK_START_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "fisor_guard" / "point_robot.yaml"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -312,7 +301,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     from lightning_saferl.actors.fisor import FisorActor
     from lightning_saferl.critics import FeasibilityCritic, RewardCritic
-    from lightning_saferl.runs import native_bf16_cpu
+    from lightning_saferl.runs import cpu_model, native_bf16_cpu
 
     rows: list[tuple[str, dict, str]] = []
     out: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),

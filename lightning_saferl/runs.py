@@ -57,6 +57,19 @@ def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` reports: figures name the machine they came from."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def package_versions() -> dict[str, Optional[str]]:
     """Versions of Python and the packages a run depends on; torch's as `torch.__version__`, whose local tag (+cpu,
     +cu130) names the build: the installed distribution's metadata omits it for some builds."""
