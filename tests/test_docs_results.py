@@ -1,14 +1,13 @@
 """The results tables in README.md and docs/ are the rendering of docs/results/*.json (docs/gen_results.py)."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from scripts import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("gen_results", ROOT / "docs" / "gen_results.py")
-gen_results = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gen_results)
+gen_results = load_script("docs/gen_results.py")
 
 
 @pytest.mark.parametrize("page", gen_results.pages(), ids=lambda p: str(p.relative_to(ROOT)))

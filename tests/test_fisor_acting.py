@@ -1,8 +1,6 @@
 """FISOR's fast acting paths against plain formulations: the variant's acting against benchmarks/acting.py's
 `reference_act` on the same random numbers, critics scoring rows that share a state, the schedule's reverse step
 with its coefficients as numbers, and NoiseResNet's mish."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +10,11 @@ from lightning_saferl.actors.fisor import FisorActor
 from lightning_saferl.critics import CostCritic, FeasibilityCritic, RewardCritic
 from lightning_saferl.nets import DDPMSchedule, EnsembleMLP
 from lightning_saferl.nets.resnet import Mish
-
-ROOT = Path(__file__).resolve().parents[1]
+from scripts import load_script
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("acting_bench", ROOT / "benchmarks" / "acting.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/acting.py")
 
 
 def _variant_actor(**kwargs) -> FisorActor:

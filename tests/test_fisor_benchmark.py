@@ -1,10 +1,8 @@
 """benchmarks/fisor_point_robot.py's plumbing: its recipe steps (the published method, each departure in turn, the
 variant) and one seed's figures at smoke size on a tiny file."""
 import argparse
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,17 +10,13 @@ import torch
 from lightning_saferl.envs import point_robot as pr
 from lightning_saferl.envs.oracle import escape_margin
 from lightning_saferl.pipeline import make_plan, parse_args
+from scripts import load_script
 from tiny_data import write_tiny
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("fisor_bench", ROOT / "benchmarks" / "fisor_point_robot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/fisor_point_robot.py")
 
 
 def _args(bench, tmp_path, **kwargs):

@@ -1,20 +1,14 @@
 """benchmarks/hazard_starts.py: its starts inside the hazards and its split of the random starts."""
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from lightning_saferl.envs import point_robot as pr
-
-ROOT = Path(__file__).resolve().parents[1]
+from scripts import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("hazard_bench", ROOT / "benchmarks" / "hazard_starts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/hazard_starts.py")
 
 
 def test_hazard_starts_are_at_rest_inside_each_hazard_in_turn():

@@ -2,7 +2,6 @@
 episodes, the cost-to-go token steering a trained model, the runner's per-episode context, and the recipes through
 `lightning-saferl pipeline --smoke`."""
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from lightning_saferl.data.format import write_dataset
 from lightning_saferl.evaluation import EpisodeRunner
 from lightning_saferl.policy import load_policy
 from lightning_saferl.table import write_table
+from scripts import load_script
 from tiny_data import write_tiny
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "baselines"
@@ -200,10 +200,7 @@ def test_sequence_length_mismatch_is_an_input_error(tmp_path, capsys):
 
 def _small_benchmark(tmp_path, monkeypatch, embedding_dim=16):
     """benchmarks/baselines_point_robot.py with CDT shrunk to a tiny file and network, and its arguments."""
-    spec = importlib.util.spec_from_file_location("baselines_bench", CONFIGS.parents[1] / "benchmarks" /
-                                                  "baselines_point_robot.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/baselines_point_robot.py")
     tiny = write_tiny(tmp_path / "tiny.hdf5")
     recipe = bench.recipe
 
