@@ -9,8 +9,8 @@ modules). One more test is marked slow. Recount the functions with
 
 Layout: the tests of one subpackage sit in a folder of its name (`actors/`, `callbacks/`, `data/`, `envs/`,
 `pipeline/`); tests that go through several (the commands, evaluation, reliability, resume, DDP, bf16) sit here,
-with the helpers they share (`tiny_data`, `simulators`, `scripts`), which this directory's place on `sys.path` makes importable
-from every folder.
+with the helpers they share (`tiny_data`, `simulators`, `scripts`), which this directory's place on `sys.path` makes
+importable from every folder.
 """
 import pytest
 import torch
