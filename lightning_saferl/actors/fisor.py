@@ -32,7 +32,8 @@ Departures, each off by default (the variant's recipe, configs/fisor_guard/, tur
       argmin_{a in P} Q_c(s, a)  over  P = {a : Q_h(s, a) <= min_a' Q_h(s, a') + e},
   a among the candidates only: the tie is broken by the shortest violation. Uniform proposals stay out of P: Q_c
   is fitted on the data's actions, and its lowest value over hundreds of out-of-distribution proposals is mostly
-  error (with them in P the variant stayed inside hazards longer: docs/ablations.md, FISOR-Guard cost tie-break).
+  error (with them in P the variant stayed longer in a hazard from starts at rest inside it; docs/ablations.md,
+  "tie-break among the candidates").
 * ``ema_warmup``: tau_k = max(ema_tau, 9 / (10 + k)) (the random initialisation forgotten within the first updates
   of a short run). It reaches ema_tau = 0.001 at k = 8990; over 6000 updates tau ends at 9 / 6009 = 0.0015.
 * ``cosine_decay_steps`` shorter than the reference's 3M updates (the run's own length: decay to 0).
