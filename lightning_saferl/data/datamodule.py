@@ -34,13 +34,21 @@ from lightning_saferl.data.tasks import TaskSpec, get_task
 from lightning_saferl.errors import InputError
 from lightning_saferl.seeding import SEED_RANGE, rank_stream_key, stream_seed
 
-__all__ = ["OfflineDataModule", "default_cache_dir", "failed_terminations", "point_robot_dataset_path"]
+__all__ = ["OfflineDataModule", "default_cache_dir", "failed_terminations", "point_robot_dataset_path", "task_path"]
 
 
 def default_cache_dir() -> Path:
     """``$LIGHTNING_SAFERL_CACHE`` if set, else ``~/.cache/lightning_saferl``."""
     env = os.environ.get("LIGHTNING_SAFERL_CACHE")
     return Path(env).expanduser() if env else Path("~/.cache/lightning_saferl").expanduser()
+
+
+def task_path(path: str, task: str) -> str:
+    """`path` with ``{task}`` replaced by the task id; any other ``{...}`` field is an error."""
+    try:
+        return str(path).format(task=task)
+    except (KeyError, IndexError, ValueError) as err:
+        raise InputError(f"data.path {path!r}: only {{task}} may be written in braces ({err!r})") from None
 
 
 def point_robot_dataset_path(cache_dir: Union[str, Path], num_transitions: int, seed: int = 0,
@@ -101,8 +109,10 @@ class OfflineDataModule(pl.LightningDataModule):
 
     Args:
         task: task id (see ``lightning_saferl.data.tasks``).
-        path: dataset file; when None, PointRobot data is generated into ``cache_dir`` on first use and DSRL
-            data is looked up in / downloaded to the DSRL cache (``$DSRL_DATASET_DIR`` or ``~/.dsrl/datasets``).
+        path: dataset file; ``{task}`` in it stands for the task id (one path serves a sweep over tasks, e.g.
+            ``datasets/{task}/{task}.hdf5``, the layout `build-dataset` writes); when None, PointRobot data is
+            generated into ``cache_dir`` on first use and DSRL data is looked up in / downloaded to the DSRL cache
+            (``$DSRL_DATASET_DIR`` or ``~/.dsrl/datasets``).
         batch_size: transitions per batch.
         steps_per_epoch: batches per epoch.
         seed: seed of the sampling stream, in [0, 2^32) (each rank draws its own: `rank_stream_key`). The
@@ -152,7 +162,7 @@ class OfflineDataModule(pl.LightningDataModule):
             raise InputError(f"data.seed must be in [0, 2^32) (Lightning's seed range), got {seed}")
         self.save_hyperparameters()
         self.task_spec: TaskSpec = get_task(task)
-        self.path = path
+        self.path = None if path is None else task_path(path, task)
         self.batch_size = int(batch_size)
         self.steps_per_epoch = int(steps_per_epoch)
         self.seed = int(seed)

@@ -9,6 +9,7 @@ import lightning_saferl.data.collect as collect_module
 from lightning_saferl.data.datamodule import OfflineDataModule, point_robot_dataset_path
 from lightning_saferl.data.format import DatasetError, write_dataset
 from lightning_saferl.data.tasks import get_task
+from lightning_saferl.errors import InputError
 
 
 def point_arrays(n=10, obs_dim=11, act_dim=2):
@@ -240,3 +241,17 @@ def test_batches_on_gpu(small_file):
     cpu_dm = OfflineDataModule(path=small_file, batch_size=64, steps_per_epoch=3)
     assert len({tuple(b["index"].tolist()) for b in batches}) == 3
     assert cpu_dm.full_batch("cuda:0")["observations"].device.type == "cuda"
+
+
+def test_task_placeholder_in_path_reads_each_tasks_file(tmp_path):
+    for task, obs_dim in (("OfflineCarCircle-v0", 5), ("OfflineBallCircle-v0", 4)):
+        (tmp_path / task).mkdir()
+        write_dataset(tmp_path / task / f"{task}.hdf5", point_arrays(obs_dim=obs_dim, act_dim=3))
+    template = str(tmp_path / "{task}" / "{task}.hdf5")
+    car = OfflineDataModule(task="OfflineCarCircle-v0", path=template, download=False)
+    ball = OfflineDataModule(task="OfflineBallCircle-v0", path=template, download=False)
+    assert (car.obs_dim, ball.obs_dim) == (5, 4)
+    assert car.path == str(tmp_path / "OfflineCarCircle-v0" / "OfflineCarCircle-v0.hdf5")
+
+    with pytest.raises(InputError, match=r"only \{task\}.*'seed'"):
+        OfflineDataModule(task="OfflineCarCircle-v0", path=str(tmp_path / "{seed}.hdf5"))
