@@ -9,7 +9,9 @@ Every cell is an ordinary `lightning-saferl pipeline` run directory under DIR, n
 
 Cost limits: `--cost_limits`, else the task family's (`TaskSpec.cost_limits`). A recipe whose training follows the
 limit (it names `cost_limit_fields`) gets one cell per limit (trained for L: the cell hands L to the pipeline as a
-number, `run_pipeline(cfg, cost_limit=L)`; scored at L); any other recipe is
+number, `run_pipeline(cfg, cost_limit=L)`; scored at L; the stages whose config does not follow the limit, e.g. DRCORL's
+behaviour model and critic, are trained by the cell of the first limit and taken by the others of the same task and
+seed, `pipeline.reuse_finished_stages`: the cells run limit by limit); any other recipe is
 trained once per (task, seed) and scored at every limit, in a cell named `limits_<L1>_<L2>...`; without
 `--cost_limits` these are the limits the pipeline itself would score at (`pipeline.evaluation_limits`: the recipe's
 `evaluation.cost_limits`, else its `cost_limit`, else the family's).
@@ -56,6 +58,7 @@ class Cell:
     name: str
     argv: list[str]
     cost_limit: Optional[float] = None
+    siblings: list[str] = field(default_factory=list)  # the same cell at the other limits (stages to share)
     status: str = "pending"  # pending | skipped | refused | finished | failed
     message: str = ""
     seconds: float = 0.0  # the cell's time in its worker (pipeline, log redirection, parsing)
@@ -106,7 +109,9 @@ def plan(recipe: str, out: Path, seeds: Sequence[int], tasks: Optional[Sequence[
                 labels.append(f"{key.rsplit('.', 1)[-1]}={_label(value)}")
             algorithm = base.algorithm + (f"[{','.join(labels)}]" if labels else "")
             groups = [[limit] for limit in limits] if follows else [limits]
-            for seed, group in itertools.product(seeds, groups):
+            first = len(cells)
+            # limit-major: a seed's first limit runs before its others, which then reuse its limit-free stages
+            for group, seed in itertools.product(groups, seeds):
                 limit_dir = (f"limit_{limit_key(group[0])}" if follows
                              else "limits_" + "_".join(limit_key(v) for v in group))
                 name = "/".join([base.algorithm, task, *labels, limit_dir, f"seed_{seed}"])
@@ -116,6 +121,9 @@ def plan(recipe: str, out: Path, seeds: Sequence[int], tasks: Optional[Sequence[
                 if smoke:
                     argv.append("--smoke")
                 cells.append(Cell(name, argv, group[0] if follows else None))
+            for cell in cells[first:]:
+                cell.siblings = [str(out / c.name) for c in cells[first:]
+                                 if c is not cell and c.name.rsplit("/", 2)[-1] == cell.name.rsplit("/", 2)[-1]]
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
         raise InputError("two cells of the grid get the same directory; give grid values distinct names")
@@ -169,11 +177,12 @@ def _output_to(path: Path):
             os.close(saved[1])
 
 
-def run_cell(argv: list[str], run_dir: str, cwd: Optional[str] = None,
-             cost_limit: Optional[float] = None) -> dict[str, Any]:
+def run_cell(argv: list[str], run_dir: str, cwd: Optional[str] = None, cost_limit: Optional[float] = None,
+             siblings: Sequence[str] = ()) -> dict[str, Any]:
     """Run one pipeline (`argv`, trained for `cost_limit` where given) in this process with its output appended to
     `<run_dir>/log.txt`, in the sweep's working directory `cwd` where this machine has it (relative paths in
-    recipes); never raises.
+    recipes), taking the finished stages of `siblings` whose config is its own (`pipeline.reuse_finished_stages`);
+    never raises.
     Returns {"ok", "seconds", "error", "log", "summary"}."""
     from lightning_saferl.command import run_command, split_debug
 
@@ -191,7 +200,7 @@ def run_cell(argv: list[str], run_dir: str, cwd: Optional[str] = None,
             from lightning_saferl.pipeline import pipeline_main
 
             debug, pipeline_argv = split_debug(argv)
-            run_command("pipeline", lambda: pipeline_main(pipeline_argv, cost_limit), debug)
+            run_command("pipeline", lambda: pipeline_main(pipeline_argv, cost_limit, siblings), debug)
             ok = True
         except SystemExit as stop:
             ok = stop.code in (0, None)
@@ -242,7 +251,7 @@ def run_cells(cells: list[Cell], out: Path, address: Optional[str] = None, cpus_
     ray, started_here = _start_ray(address)
     try:
         task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)(run_cell)
-        futures = {task.remote(c.argv, str(out / c.name), os.getcwd(), c.cost_limit): c for c in pending}
+        futures = {task.remote(c.argv, str(out / c.name), os.getcwd(), c.cost_limit, c.siblings): c for c in pending}
         done = 0
         while futures:
             ready, _ = ray.wait(list(futures), num_returns=1)

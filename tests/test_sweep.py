@@ -203,3 +203,15 @@ def test_a_recipe_trained_once_is_scored_where_its_pipeline_would_score_it(tmp_p
     given = ("--cost_limit", "3", "--evaluation.cost_limits", "[1, 2]")
     assert scored_at("fisor/point_robot.yaml", *given) == [[1.0, 2.0]]
     assert scored_at("baselines/bc_safe_point_robot.yaml") == [[0.0], [5.0], [10.0]]
+
+
+def test_cells_at_other_limits_are_siblings_and_each_seeds_first_limit_comes_first(tmp_path):
+    from lightning_saferl.sweep import plan
+
+    cells = plan(str(CONFIGS / "drcorl" / "dsrl.yaml"), tmp_path, seeds=[0, 1], cost_limits=[10, 20])
+    names = [c.name.split("/", 2)[2] for c in cells]
+    assert names == ["limit_10/seed_0", "limit_10/seed_1", "limit_20/seed_0", "limit_20/seed_1"]
+    assert cells[0].siblings == [str(tmp_path / cells[2].name)]
+    assert cells[3].siblings == [str(tmp_path / cells[1].name)]
+    once = plan(str(CONFIGS / "fisor" / "dsrl.yaml"), tmp_path, seeds=[0, 1], cost_limits=[10, 20])
+    assert [c.siblings for c in once] == [[], []]

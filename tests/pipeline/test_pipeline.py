@@ -512,3 +512,30 @@ def test_recipe_mistakes_fail_before_training(tmp_path, tiny, capsys, edit, argv
     err = capsys.readouterr().err.strip()
     assert err.startswith("lightning-saferl pipeline: error:") and expected in err and "\n" not in err
     assert not (tmp_path / "run").exists()  # nothing was trained or written
+
+
+def test_a_run_takes_the_finished_stages_of_another_run_with_the_same_config(tmp_path, tiny, capsys):
+    """A sweep's cells at two limits share the stages that do not follow the limit; another seed shares none."""
+    from lightning_saferl.pipeline import pipeline_main
+
+    recipe = write_yaml(tmp_path / "recipe.yaml", {
+        "algorithm": "bc_safe", "cost_limit": 0.0, "cost_limit_fields": ["stages.policy.model.init_args.cost_limit"],
+        "data": {"task": "PointRobot-v0", "path": tiny, "batch_size": 16, "steps_per_epoch": 3},
+        "trainer": {"max_steps": 3, "log_every_n_steps": 1, **QUIET},
+        "stages": {"critic": {"model": {"class_path": "lightning_saferl.critics.RewardCritic",
+                                        "init_args": {"hidden_dims": [8]}}},
+                   "policy": {"model": {"class_path": "lightning_saferl.actors.BCSafe",
+                                        "init_args": {"hidden_dims": [8], "cost_limit": 0.0}}}},
+        "evaluation": {"episodes": 2, "num_envs": 2}})
+    first, second, other_seed = tmp_path / "limit_0", tmp_path / "limit_10", tmp_path / "seed_1"
+    pipeline_main(["--config", recipe, "--run_dir", str(first)], 0.0)
+    capsys.readouterr()
+    pipeline_main(["--config", recipe, "--run_dir", str(second)], 10.0, reuse_from=[other_seed, first])
+    out = capsys.readouterr().out
+    assert f"stage 'critic': the same config finished in {first}, reusing" in out
+    assert "stage 'policy': the same config" not in out and "stage 'policy': BCSafe" in out
+    assert (second / "critic" / "model.ckpt").read_bytes() == (first / "critic" / "model.ckpt").read_bytes()
+    assert not (second / "critic" / "lightning_logs").exists()  # not trained here
+    pipeline_main(["--config", recipe, "--run_dir", str(other_seed), "--seed_everything", "1"], 0.0,
+                  reuse_from=[first, second])
+    assert "the same config finished" not in capsys.readouterr().out
