@@ -51,9 +51,12 @@ class CDT(SafeRLModule):
             return_scale 0 conditions on the cost alone (the return token is then a constant).
         cost_loss_weight: weight of the auxiliary cost classification.
         lr, weight_decay, warmup_steps: AdamW with a linear warm-up of the learning rate.
-        target_return, target_cost: the conditioning targets of an evaluation episode (attributes; may be set
-            after training); target_cost is an undiscounted episode budget (the cost-to-go at the first step).
+        target_return, target_cost: the conditioning targets of an evaluation episode; target_cost is an
+            undiscounted episode budget (the cost-to-go at the first step). Acting settings: they may be set after
+            training (attributes, or `set_acting_hparams`), so one trained CDT serves every cost limit.
     """
+
+    acting_hparams = ("target_return", "target_cost")
 
     def __init__(self, obs_dim: int, act_dim: int, sequence_length: int = 10, embedding_dim: int = 128,
                  num_layers: int = 3, num_heads: int = 8, dropout: float = 0.1, max_episode_steps: int = 1000,
@@ -66,7 +69,6 @@ class CDT(SafeRLModule):
                              f"{sequence_length}, {embedding_dim}, {num_heads}")
         self.save_hyperparameters()
         self.lr = lr
-        self.target_return, self.target_cost = float(target_return), float(target_cost)
         self.time_embedding = nn.Embedding(max_episode_steps, embedding_dim)
         self.return_embedding = nn.Linear(1, embedding_dim)
         self.cost_embedding = nn.Linear(1, embedding_dim)
@@ -81,6 +83,22 @@ class CDT(SafeRLModule):
         self.action_head = nn.Linear(embedding_dim, act_dim)
         self.cost_head = nn.Linear(embedding_dim, 1)
         self._context: Optional[dict[str, torch.Tensor]] = None
+
+    @property
+    def target_return(self) -> float:
+        return float(self.hparams.target_return)
+
+    @target_return.setter
+    def target_return(self, value: float) -> None:
+        self.set_acting_hparams({"target_return": float(value)})
+
+    @property
+    def target_cost(self) -> float:
+        return float(self.hparams.target_cost)
+
+    @target_cost.setter
+    def target_cost(self, value: float) -> None:
+        self.set_acting_hparams({"target_cost": float(value)})
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

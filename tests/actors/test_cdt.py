@@ -181,6 +181,23 @@ def test_point_robot_recipe_runs_and_loads(tmp_path):
     assert actions.shape == (3, 2) and actions.abs().max() <= 1
 
 
+def test_one_trained_cdt_serves_another_cost_limit_without_retraining(tmp_path, capsys):
+    """target_cost is an acting setting: a rerun at another limit reuses the weights and conditions on the new
+    budget (a sweep trains CDT once per task and seed)."""
+    data = write_tiny(tmp_path / "tiny.hdf5")
+    _smoke("cdt_point_robot.yaml", tmp_path / "run", "--data.path", data, "--cost_limit", "3")
+    weights = load_policy(str(tmp_path / "run" / "policy" / "model.ckpt")).state_dict()
+    capsys.readouterr()
+    summary = _smoke("cdt_point_robot.yaml", tmp_path / "run", "--data.path", data, "--cost_limit", "7")
+    out = capsys.readouterr().out
+    assert "stage 'policy': finished earlier" in out and "{'target_cost': 7.0}" in out
+    policy = load_policy(str(tmp_path / "run" / "policy" / "model.ckpt"))
+    assert summary["cost_limit"] == 7 and policy.target_cost == 7.0
+    assert all(torch.equal(weights[k], v) for k, v in policy.state_dict().items())
+    policy.target_cost = 2.5
+    assert policy.hparams.target_cost == 2.5
+
+
 def test_dsrl_recipe_follows_the_limit(tmp_path, monkeypatch):
     monkeypatch.setitem(lightning_saferl.envs.ENV_FACTORIES, "OfflineBallRun-v0",
                         lambda **kw: gymnasium.make("PointRobot-v0"))
