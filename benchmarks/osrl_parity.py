@@ -1,7 +1,7 @@
 """Parity with OSRL: OSRL's own BCQ-Lag, CPQ and COptiDICE beside ours, on the same DSRL-format file.
 
     python benchmarks/osrl_parity.py --data FILE [--task OfflineBallCircle-v0] [--cost_limit 20] [--seeds 0 1 2]
-        [--methods bcq_lag cpq coptidice] [--steps N] [--episodes N] [--eval_seed S] [--osrl_venv DIR]
+        [--methods bcq_lag cpq coptidice] [--table_budget] [--steps N] [--episodes N] [--eval_seed S] [--osrl_venv DIR]
         [--osrl_acting own|mode] [--threads 1] [--run_dir DIR] [--write]
 
 OSRL (PyPI osrl-lib 0.1.0) runs in its own virtual environment, built by ``benchmarks/osrl_env.sh DIR`` (default
@@ -114,6 +114,20 @@ def recipe_settings(method: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
                     episodes=config["evaluation"]["episodes"], num_envs=config["evaluation"]["num_envs"],
                     eval_seed=config["evaluation"]["seed"])
     return settings
+
+
+def table_budget(method: str) -> dict[str, int]:
+    """`method`'s policy steps and batch size in the Bullet table's budget (benchmarks/bullet_table.py `BUDGETS`),
+    where it sets them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bullet_table", Path(__file__).with_name("bullet_table.py"))
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    overrides = table.BUDGETS[method][1]
+    values = dict(zip(overrides[::2], overrides[1::2]))
+    keys = {"steps": "--stages.policy.trainer.max_steps", "batch_size": "--stages.policy.data.batch_size"}
+    return {name: int(values[key]) for name, key in keys.items() if key in values}
 
 
 def class_defaults(method: str) -> dict[str, Any]:
@@ -256,6 +270,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--steps", type=int, default=None, help="gradient steps (default: each recipe's)")
+    parser.add_argument("--table_budget", action="store_true",
+                        help="steps and batch of the Bullet table's budget (benchmarks/bullet_table.py) instead of "
+                             "the recipes'; --steps still wins")
     parser.add_argument("--episodes", type=int, default=None, help="evaluation episodes (default: the recipe's)")
     parser.add_argument("--eval_seed", type=int, default=None, help="episode i is seeded eval_seed + i "
                         "(default: the recipe's evaluation.seed)")
@@ -282,6 +299,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     details: dict[str, Any] = {}
     for method in args.methods:
         ours = recipe_settings(method, class_defaults(method))
+        if args.table_budget:
+            ours.update(table_budget(method))
         for key in ("steps", "episodes", "eval_seed"):
             if getattr(args, key) is not None:
                 ours[key] = getattr(args, key)

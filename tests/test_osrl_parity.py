@@ -1,21 +1,13 @@
 """benchmarks/osrl_parity.py's pure parts: the mapping of our recipes' settings onto OSRL's arguments and the
 aggregation of per-seed scores. Training OSRL needs its own venv (benchmarks/osrl_env.sh) and is not run here."""
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def parity():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        return importlib.import_module("osrl_parity")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return load_script("benchmarks/osrl_parity.py")
 
 
 @pytest.mark.parametrize("method", ["bcq_lag", "cpq", "coptidice"])
@@ -57,3 +49,14 @@ def test_aggregate_gives_mean_and_population_std_per_side(parity):
     assert row["osrl_reward_std"] == 0.0 and row["seeds"] == [0, 1]
     with pytest.raises(ValueError, match="cpq ours has 2 scores for 3 seeds"):
         parity.aggregate(scores, [0, 1, 2])
+
+
+def test_the_table_budget_is_the_one_the_bullet_table_cells_train_with(parity, tmp_path):
+    table = load_script("benchmarks/bullet_table.py")
+    for method in ("bcq_lag", "cpq", "coptidice"):
+        budget = parity.table_budget(method)
+        argv = " ".join(table.cells([method], "d/{task}.hdf5", tmp_path, ["OfflineBallCircle-v0"], [0], [20])[0].argv)
+        assert f"--stages.policy.trainer.max_steps {budget['steps']}" in argv
+        if "batch_size" in budget:
+            assert f"--stages.policy.data.batch_size {budget['batch_size']}" in argv
+    assert "batch_size" not in parity.table_budget("coptidice")  # the recipe's batch
