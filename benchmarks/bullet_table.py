@@ -41,18 +41,20 @@ BUDGETS: dict[str, tuple[str, list[str]]] = {
         "--stages.feasibility_critic.trainer.max_steps", "20000", "--stages.reward_critic.trainer.max_steps", "20000",
         "--stages.actor.trainer.max_steps", "5000", "--stages.actor.model.init_args.cosine_decay_steps", "7500"]),
     "drcorl": ("configs/drcorl/dsrl.yaml", [
-        "--stages.behavior.trainer.max_steps", "5000", "--stages.behavior.data.batch_size", "512",
+        "--stages.behavior.trainer.max_steps", "4000", "--stages.behavior.data.batch_size", "512",
         "--stages.reward_critic.trainer.max_steps", "20000",
-        "--stages.policy.trainer.max_steps", "5000", "--stages.policy.model.init_args.bc_steps", "2000"]),
-    "bc_all": ("configs/baselines/bc_all_dsrl.yaml", ["--stages.policy.trainer.max_steps", "20000"]),
-    "bc_safe": ("configs/baselines/bc_safe_dsrl.yaml", ["--stages.policy.trainer.max_steps", "20000"]),
+        "--stages.policy.trainer.max_steps", "3000", "--stages.policy.model.init_args.bc_steps", "1200"]),
+    "bc_all": ("configs/baselines/bc_all_dsrl.yaml", ["--stages.policy.trainer.max_steps", "10000"]),
+    "bc_safe": ("configs/baselines/bc_safe_dsrl.yaml", ["--stages.policy.trainer.max_steps", "10000"]),
     "bcq_lag": ("configs/baselines/bcq_lag_dsrl.yaml", [
-        "--stages.policy.trainer.max_steps", "10000", "--stages.policy.data.batch_size", "256"]),
+        "--stages.policy.trainer.max_steps", "6000", "--stages.policy.data.batch_size", "256"]),
     "cpq": ("configs/baselines/cpq_dsrl.yaml", [
-        "--stages.policy.trainer.max_steps", "5000", "--stages.policy.data.batch_size", "256"]),
-    "coptidice": ("configs/baselines/coptidice_dsrl.yaml", ["--stages.policy.trainer.max_steps", "15000"]),
+        "--stages.policy.trainer.max_steps", "3000", "--stages.policy.data.batch_size", "256"]),
+    "coptidice": ("configs/baselines/coptidice_dsrl.yaml", ["--stages.policy.trainer.max_steps", "10000"]),
     "cdt": ("configs/baselines/cdt_dsrl.yaml", [
-        "--stages.policy.trainer.max_steps", "4000", "--stages.policy.data.batch_size", "512"]),
+        "--stages.policy.trainer.max_steps", "3000", "--stages.policy.data.batch_size", "256",
+        "--stages.policy.model.init_args.embedding_dim", "64", "--stages.policy.model.init_args.num_layers", "2",
+        "--stages.policy.model.init_args.num_heads", "4"]),
 }
 # timed with --plan besides the budget: phases that change the step's cost start within the timed steps
 TIMING = {"drcorl": lambda steps: ["--stages.policy.model.init_args.bc_steps", str(steps * 2 // 5)]}
