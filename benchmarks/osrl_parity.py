@@ -2,7 +2,7 @@
 
     python benchmarks/osrl_parity.py --data FILE [--task OfflineBallCircle-v0] [--cost_limit 20] [--seeds 0 1 2]
         [--methods bcq_lag cpq coptidice] [--table_budget] [--steps N] [--episodes N] [--eval_seed S] [--osrl_venv DIR]
-        [--osrl_acting own|mode] [--threads 1] [--run_dir DIR] [--write]
+        [--osrl_acting own|mode] [--jobs 1] [--threads 1] [--run_dir DIR] [--write]
 
 OSRL (PyPI osrl-lib 0.1.0) runs in its own virtual environment, built by ``benchmarks/osrl_env.sh DIR`` (default
 ``.venv-osrl``); nothing of it is imported here. Per method and seed:
@@ -46,6 +46,7 @@ trainers take 0.29-0.56 s a step for BCQ-Lag, 0.24-0.30 for CPQ, 0.05-0.07 for C
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import inspect
 import json
 import os
@@ -262,6 +263,23 @@ def evaluate_exported(actor: str, task_spec, limit: float, ours: Mapping[str, An
     return evaluate_policy(Exported(), task_spec, [limit], ours["episodes"], ours["num_envs"], ours["eval_seed"])
 
 
+def run_seed(method: str, seed: int, ours: Mapping[str, Any], args, spec) -> dict[str, Any]:
+    """Both sides of one method and seed, trained (or reused) and evaluated: {seed, ours, osrl (normalised return,
+    cost), osrl_train_seconds, osrl_settings, not_matched}."""
+    base = Path(args.run_dir) / method / f"limit{args.cost_limit:g}" / f"seed{seed}"
+    summary = run_ours(method, seed, ours, args, base / "ours")
+    settings, unmatched = osrl_settings(method, ours, seed=seed, steps=ours["steps"], cost_limit=args.cost_limit,
+                                        episode_len=spec.max_episode_steps)
+    trained = run_osrl(settings, args, base / "osrl")
+    theirs = evaluate_exported(trained["out"], spec, args.cost_limit, ours)
+    record = {"seed": seed, "ours": (summary["normalized_return"], summary["normalized_cost"]),
+              "osrl": (theirs["normalized_return"], theirs["normalized_cost"]),
+              "osrl_train_seconds": trained["train_seconds"],
+              "osrl_settings": {k: settings[k] for k in ("model", "trainer")}, "not_matched": unmatched}
+    print(f"[parity] {method} seed {seed}: ours (return, cost) {record['ours']}, OSRL {record['osrl']}", flush=True)
+    return record
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="DSRL-format HDF5 file both sides train on")
@@ -279,6 +297,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--osrl_venv", default=str(ROOT / ".venv-osrl"))
     parser.add_argument("--osrl_acting", choices=("own", "mode"), default="own",
                         help="OSRL's acting rule as its model.act (own) or the Gaussian's mean (mode)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="methods x seeds trained at once (each side one process of --threads threads)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per side (0: the default)")
     parser.add_argument("--run_dir", default=str(ROOT / "benchmarks" / "out" / "osrl_parity"))
     parser.add_argument("--write", action="store_true", help=f"also write the JSON to {RESULT_FILE}")
@@ -295,8 +315,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     spec = get_task(args.task)
     started = time.time()
-    scores: dict[str, dict[str, list]] = {}
-    details: dict[str, Any] = {}
+    settings_of = {}
     for method in args.methods:
         ours = recipe_settings(method, class_defaults(method))
         if args.table_budget:
@@ -304,24 +323,21 @@ def main(argv: Optional[list[str]] = None) -> None:
         for key in ("steps", "episodes", "eval_seed"):
             if getattr(args, key) is not None:
                 ours[key] = getattr(args, key)
-        scores[method] = {"ours": [], "osrl": []}
-        per_seed = []
-        for seed in args.seeds:
-            base = Path(args.run_dir) / method / f"limit{args.cost_limit:g}" / f"seed{seed}"
-            summary = run_ours(method, seed, ours, args, base / "ours")
-            settings, unmatched = osrl_settings(method, ours, seed=seed, steps=ours["steps"],
-                                                cost_limit=args.cost_limit, episode_len=spec.max_episode_steps)
-            trained = run_osrl(settings, args, base / "osrl")
-            theirs = evaluate_exported(trained["out"], spec, args.cost_limit, ours)
-            scores[method]["ours"].append((summary["normalized_return"], summary["normalized_cost"]))
-            scores[method]["osrl"].append((theirs["normalized_return"], theirs["normalized_cost"]))
-            per_seed.append({"seed": seed, "ours": scores[method]["ours"][-1], "osrl": scores[method]["osrl"][-1],
-                             "osrl_train_seconds": trained["train_seconds"]})
-            print(f"[parity] {method} seed {seed}: ours (return, cost) {scores[method]['ours'][-1]}, "
-                  f"OSRL {scores[method]['osrl'][-1]}", flush=True)
-        details[method] = {"per_seed": per_seed, "osrl_settings": {k: settings[k] for k in ("model", "trainer")},
-                           "not_matched": unmatched, "steps": ours["steps"], "batch_size": ours["batch_size"],
-                           "episodes": ours["episodes"], "eval_seed": ours["eval_seed"]}
+        settings_of[method] = ours
+    units = [(method, seed) for method in args.methods for seed in args.seeds]
+    # each unit's trainings are subprocesses: threads run `--jobs` of them at once
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = dict(zip(units, pool.map(lambda unit: run_seed(*unit, settings_of[unit[0]], args, spec), units)))
+    scores = {m: {side: [done[m, s][side] for s in args.seeds] for side in ("ours", "osrl")} for m in args.methods}
+    details: dict[str, Any] = {}
+    for method in args.methods:
+        ours = settings_of[method]
+        last = done[method, args.seeds[-1]]  # the OSRL settings differ between seeds only in the seed
+        details[method] = {"per_seed": [{k: v for k, v in done[method, seed].items()
+                                         if k not in ("osrl_settings", "not_matched")} for seed in args.seeds],
+                           "osrl_settings": last["osrl_settings"], "not_matched": last["not_matched"],
+                           "steps": ours["steps"], "batch_size": ours["batch_size"], "episodes": ours["episodes"],
+                           "eval_seed": ours["eval_seed"]}
     result = aggregate(scores, args.seeds)
     details["run"] = {"task": args.task, "data": str(args.data), "cost_limit": args.cost_limit,
                       "osrl_acting": args.osrl_acting, "threads": args.threads,
