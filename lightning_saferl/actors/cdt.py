@@ -37,6 +37,7 @@ from lightning_saferl.base import SafeRLModule
 from lightning_saferl.errors import InputError
 
 TOKENS = 4  # return-to-go, cost-to-go, state, action
+FRONTIER_POINTS = 256  # the most frontier episodes kept for target_return None
 
 
 class CDT(SafeRLModule):
@@ -54,6 +55,9 @@ class CDT(SafeRLModule):
         target_return, target_cost: the conditioning targets of an evaluation episode; target_cost is an
             undiscounted episode budget (the cost-to-go at the first step). Acting settings: they may be set after
             training (attributes, or `set_acting_hparams`), so one trained CDT serves every cost limit.
+            target_return None: the best episode return of the training data among episodes with cost <=
+            target_cost (the data's reward-cost frontier, `fit_return_frontier`; OSRL picks such targets by hand
+            per task and limit).
     """
 
     acting_hparams = ("target_return", "target_cost")
@@ -62,7 +66,7 @@ class CDT(SafeRLModule):
                  num_layers: int = 3, num_heads: int = 8, dropout: float = 0.1, max_episode_steps: int = 1000,
                  return_scale: float = 0.1, cost_scale: float = 1.0, cost_loss_weight: float = 0.02,
                  lr: float = 1e-4, weight_decay: float = 1e-4, warmup_steps: int = 500,
-                 target_return: float = 300.0, target_cost: float = 10.0):
+                 target_return: Optional[float] = 300.0, target_cost: float = 10.0):
         super().__init__()
         if sequence_length < 1 or embedding_dim % num_heads:
             raise InputError(f"CDT: need sequence_length >= 1 and embedding_dim divisible by num_heads, got "
@@ -82,11 +86,23 @@ class CDT(SafeRLModule):
         self.output_norm = nn.LayerNorm(embedding_dim)
         self.action_head = nn.Linear(embedding_dim, act_dim)
         self.cost_head = nn.Linear(embedding_dim, 1)
+        # the training data's frontier: (episode cost, best return at that cost or less), NaN-padded
+        self.register_buffer("return_frontier", torch.full((2, FRONTIER_POINTS), float("nan")))
         self._context: Optional[dict[str, torch.Tensor]] = None
 
     @property
     def target_return(self) -> float:
-        return float(self.hparams.target_return)
+        """hparams.target_return, else the frontier's best return at cost <= target_cost (the cheapest
+        episode's where no episode is that cheap)."""
+        if self.hparams.target_return is not None:
+            return float(self.hparams.target_return)
+        costs, returns = self.return_frontier
+        known = ~costs.isnan()
+        if not known.any():
+            raise InputError("CDT: target_return is null (the data's best return at the target cost), but the "
+                             "model has not been fitted on data; set target_return")
+        within = known & (costs <= self.target_cost)
+        return float(returns[within].max() if within.any() else returns[known][0])
 
     @target_return.setter
     def target_return(self, value: float) -> None:
@@ -106,6 +122,32 @@ class CDT(SafeRLModule):
         if length != self.hparams.sequence_length:
             raise InputError(f"CDT: data.sequence_length is {length}, the model's sequence_length "
                              f"{self.hparams.sequence_length}; set both to the same K")
+        self.fit_return_frontier(self.dataset())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint saved before the frontier existed loads with an unfitted one (target_return must be set)."""
+        checkpoint["state_dict"].setdefault("return_frontier", torch.full((2, FRONTIER_POINTS), float("nan")))
+
+    @torch.no_grad()
+    def fit_return_frontier(self, data) -> None:
+        """Keep the data's episodes on the reward-cost frontier: sorted by cost, those whose return beats every
+        cheaper episode's (at most FRONTIER_POINTS of them, evenly spaced, the costliest kept)."""
+        episode = data.episode_index()
+        count = int(episode[-1]) + 1
+        returns = torch.zeros(count, dtype=torch.float64, device=episode.device).index_add_(
+            0, episode, data.rewards.double())
+        costs = torch.zeros_like(returns).index_add_(0, episode, data.costs.double())
+        order = costs.argsort(stable=True)
+        costs, best = costs[order], returns[order].cummax(0).values
+        rising = torch.ones_like(best, dtype=torch.bool)
+        rising[1:] = best[1:] > best[:-1]
+        costs, best = costs[rising], best[rising]
+        if len(costs) > FRONTIER_POINTS:
+            keep = torch.linspace(0, len(costs) - 1, FRONTIER_POINTS, device=costs.device).round().long()
+            costs, best = costs[keep], best[keep]
+        self.return_frontier.fill_(float("nan"))
+        self.return_frontier[0, :len(costs)] = costs.to(self.return_frontier)
+        self.return_frontier[1, :len(best)] = best.to(self.return_frontier)
 
     # ----------------------------------------------------------------- the transformer
     def _attention_mask(self, valid: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ episodes, the cost-to-go token steering a trained model, the runner's per-episod
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import gymnasium
 import numpy as np
@@ -16,6 +17,7 @@ from lightning_saferl.actors import CDT
 from lightning_saferl.cli import main
 from lightning_saferl.data.datamodule import OfflineDataModule
 from lightning_saferl.data.format import write_dataset
+from lightning_saferl.errors import InputError
 from lightning_saferl.evaluation import EpisodeRunner
 from lightning_saferl.policy import load_policy
 from lightning_saferl.table import write_table
@@ -193,7 +195,7 @@ def test_one_trained_cdt_serves_another_cost_limit_without_retraining(tmp_path, 
     assert "stage 'policy': finished earlier" in out and "{'target_cost': 7.0}" in out
     policy = load_policy(str(tmp_path / "run" / "policy" / "model.ckpt"))
     assert summary["cost_limit"] == 7 and policy.target_cost == 7.0
-    assert all(torch.equal(weights[k], v) for k, v in policy.state_dict().items())
+    assert all(torch.allclose(weights[k], v, rtol=0, atol=0, equal_nan=True) for k, v in policy.state_dict().items())
     policy.target_cost = 2.5
     assert policy.hparams.target_cost == 2.5
 
@@ -261,3 +263,28 @@ def test_benchmark_reuses_a_run_only_for_its_recipe(tmp_path, monkeypatch):
     bench.cdt_summaries(0, [3.0], args)
     assert checkpoint.stat().st_mtime_ns != trained_at
     assert load_policy(str(checkpoint)).hparams.embedding_dim == 8
+
+
+def test_target_return_null_is_the_datas_best_return_at_the_target_cost():
+    """Episodes (cost, return): (3, 8), (0, 5), (10, 20), (3, 2), (12, 15) -> frontier (0, 5), (3, 8), (10, 20)."""
+    episodes = [(3, 8), (0, 5), (10, 20), (3, 2), (12, 15)]
+    rewards, costs, done = [], [], []
+    for cost, ret in episodes:  # two steps each: the return and cost split over them
+        rewards += [ret / 2, ret / 2]
+        costs += [cost / 2, cost / 2]
+        done += [False, True]
+    data = SimpleNamespace(rewards=torch.tensor(rewards), costs=torch.tensor(costs),
+                           episode_index=lambda: torch.tensor([i // 2 for i in range(len(rewards))]))
+    model = CDT(11, 2, sequence_length=2, target_return=None, target_cost=0.0, **TINY)
+    with pytest.raises(InputError, match="target_return is null"):
+        model.target_return
+    model.fit_return_frontier(data)
+    expected = {0.0: 5.0, 2.9: 5.0, 3.0: 8.0, 9.0: 8.0, 10.0: 20.0, 40.0: 20.0}
+    for limit, best in expected.items():
+        model.target_cost = limit
+        assert model.target_return == best
+    model.target_return = 7.5  # a number wins over the frontier
+    assert model.target_return == 7.5
+    old = {"state_dict": {}}  # a checkpoint saved before the frontier existed loads with an unfitted one
+    model.on_load_checkpoint(old)
+    assert old["state_dict"]["return_frontier"].isnan().all()
