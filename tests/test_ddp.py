@@ -251,8 +251,11 @@ def reference_step(name: str, data_path: str, halves: list[tuple[torch.Tensor, t
 
 
 def max_difference(a: dict, b: dict) -> float:
+    """max |a - b| over all tensors; NaN in the same place of both (an unfilled entry) counts as equal."""
     assert a.keys() == b.keys()
-    return max((float((a[k] - b[k]).abs().max()) for k in a), default=0.0)
+    for k in a:
+        assert torch.equal(a[k].isnan(), b[k].isnan()), f"{k}: NaN in different places"
+    return max((float((a[k] - b[k]).nan_to_num(0.0).abs().max()) for k in a), default=0.0)
 
 
 def relative_difference(a: dict, b: dict) -> float:
