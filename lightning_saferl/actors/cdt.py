@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -130,24 +131,20 @@ class CDT(SafeRLModule):
 
     @torch.no_grad()
     def fit_return_frontier(self, data) -> None:
-        """Keep the data's episodes on the reward-cost frontier: sorted by cost, those whose return beats every
-        cheaper episode's (at most FRONTIER_POINTS of them, evenly spaced, the costliest kept)."""
-        episode = data.episode_index()
-        count = int(episode[-1]) + 1
-        returns = torch.zeros(count, dtype=torch.float64, device=episode.device).index_add_(
-            0, episode, data.rewards.double())
-        costs = torch.zeros_like(returns).index_add_(0, episode, data.costs.double())
-        order = costs.argsort(stable=True)
-        costs, best = costs[order], returns[order].cummax(0).values
-        rising = torch.ones_like(best, dtype=torch.bool)
-        rising[1:] = best[1:] > best[:-1]
-        costs, best = costs[rising], best[rising]
+        """Keep the data's episodes on the reward-cost frontier (`data.build.pareto_frontier`), sorted by cost (at
+        most FRONTIER_POINTS of them, evenly spaced, the costliest kept)."""
+        from lightning_saferl.data.build import pareto_frontier
+
+        returns = data.episode_returns().double().cpu().numpy()
+        costs = data.episode_costs().double().cpu().numpy()
+        on = pareto_frontier(returns, costs)
+        order = np.argsort(costs[on], kind="stable")
+        costs, best = costs[on][order], returns[on][order]
         if len(costs) > FRONTIER_POINTS:
-            keep = torch.linspace(0, len(costs) - 1, FRONTIER_POINTS, device=costs.device).round().long()
+            keep = np.linspace(0, len(costs) - 1, FRONTIER_POINTS).round().astype(int)
             costs, best = costs[keep], best[keep]
         self.return_frontier.fill_(float("nan"))
-        self.return_frontier[0, :len(costs)] = costs.to(self.return_frontier)
-        self.return_frontier[1, :len(best)] = best.to(self.return_frontier)
+        self.return_frontier[:, :len(costs)] = torch.as_tensor(np.stack([costs, best])).to(self.return_frontier)
 
     # ----------------------------------------------------------------- the transformer
     def _attention_mask(self, valid: torch.Tensor) -> torch.Tensor:

@@ -268,13 +268,8 @@ def test_benchmark_reuses_a_run_only_for_its_recipe(tmp_path, monkeypatch):
 def test_target_return_null_is_the_datas_best_return_at_the_target_cost():
     """Episodes (cost, return): (3, 8), (0, 5), (10, 20), (3, 2), (12, 15) -> frontier (0, 5), (3, 8), (10, 20)."""
     episodes = [(3, 8), (0, 5), (10, 20), (3, 2), (12, 15)]
-    rewards, costs, done = [], [], []
-    for cost, ret in episodes:  # two steps each: the return and cost split over them
-        rewards += [ret / 2, ret / 2]
-        costs += [cost / 2, cost / 2]
-        done += [False, True]
-    data = SimpleNamespace(rewards=torch.tensor(rewards), costs=torch.tensor(costs),
-                           episode_index=lambda: torch.tensor([i // 2 for i in range(len(rewards))]))
+    data = SimpleNamespace(episode_returns=lambda: torch.tensor([float(r) for _, r in episodes]),
+                           episode_costs=lambda: torch.tensor([float(c) for c, _ in episodes]))
     model = CDT(11, 2, sequence_length=2, target_return=None, target_cost=0.0, **TINY)
     with pytest.raises(InputError, match="target_return is null"):
         model.target_return
