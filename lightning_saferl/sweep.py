@@ -109,7 +109,7 @@ def plan(recipe: str, out: Path, seeds: Sequence[int], tasks: Optional[Sequence[
                 labels.append(f"{key.rsplit('.', 1)[-1]}={_label(value)}")
             algorithm = base.algorithm + (f"[{','.join(labels)}]" if labels else "")
             groups = [[limit] for limit in limits] if follows else [limits]
-            first = len(cells)
+            same_seed: dict[int, list[Cell]] = {seed: [] for seed in seeds}
             # limit-major: a seed's first limit runs before its others, which then reuse its limit-free stages
             for group, seed in itertools.product(groups, seeds):
                 limit_dir = (f"limit_{limit_key(group[0])}" if follows
@@ -121,9 +121,10 @@ def plan(recipe: str, out: Path, seeds: Sequence[int], tasks: Optional[Sequence[
                 if smoke:
                     argv.append("--smoke")
                 cells.append(Cell(name, argv, group[0] if follows else None))
-            for cell in cells[first:]:
-                cell.siblings = [str(out / c.name) for c in cells[first:]
-                                 if c is not cell and c.name.rsplit("/", 2)[-1] == cell.name.rsplit("/", 2)[-1]]
+                same_seed[seed].append(cells[-1])
+            for group_cells in same_seed.values():
+                for cell in group_cells:
+                    cell.siblings = [str(out / c.name) for c in group_cells if c is not cell]
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
         raise InputError("two cells of the grid get the same directory; give grid values distinct names")
