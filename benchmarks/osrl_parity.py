@@ -118,17 +118,15 @@ def recipe_settings(method: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def table_budget(method: str) -> dict[str, int]:
-    """`method`'s policy steps and batch size in the Bullet table's budget (benchmarks/bullet_table.py `BUDGETS`),
-    where it sets them."""
+    """`method`'s policy steps, and its batch size where it differs from the recipe's, in the Bullet table's budget
+    (benchmarks/bullet_table.py `budget_of`)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bullet_table", Path(__file__).with_name("bullet_table.py"))
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
-    overrides = table.BUDGETS[method][1]
-    values = dict(zip(overrides[::2], overrides[1::2]))
-    keys = {"steps": "--stages.policy.trainer.max_steps", "batch_size": "--stages.policy.data.batch_size"}
-    return {name: int(values[key]) for name, key in keys.items() if key in values}
+    steps, _, batch, recipe_batch = table.budget_of(method)["policy"]
+    return {"steps": steps, **({"batch_size": batch} if batch != recipe_batch else {})}
 
 
 def class_defaults(method: str) -> dict[str, Any]:
