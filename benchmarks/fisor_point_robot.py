@@ -5,6 +5,7 @@ with ``--ablation``, each departure added in turn; against BC-All and BC-Safe on
                                            [--run_dir benchmarks/out/fisor_point_robot] [--jobs 1] [--quick]
                                            [--ablation] [--random_episodes 500]
                                            [--set stages.<stage>.<key>=<value> ...]
+                                           [--bank benchmarks/bank/fisor_point_robot]
                                            [--table_json docs/results/fisor_point_robot.json [--table_only]]
 
 Datasets (generated, data seed 0): ``mixed`` (the default data) and ``scarce`` (safe expert episodes <= 10 %;
@@ -42,7 +43,10 @@ the dataset. Reported figures use ``--start_seed 0``; tune with other start seed
 Re-running on the same run_dir reuses finished stages of the same config and retrains the stages whose config
 changed (and those fed by them); each policy's figures are kept beside its checkpoint and reused while checkpoint,
 package code, starts and episode counts are the same. ``--table_json`` writes the ablation table (every step and
-BC-All / BC-Safe, per seed) for docs/gen_results.py; ``--table_only`` builds it from the kept figures alone. BC
+BC-All / BC-Safe, per seed) for docs/gen_results.py; ``--table_only`` builds it from the kept figures alone.
+``--bank DIR`` keeps every finished step's figures as small JSON files (with machine, date and commit) that are
+committed, so that the 3-seed ablation (about 4 hours on 2 cores) resumes on a fresh machine from the steps a
+previous run finished, and ``--table_only --bank DIR`` builds the table from them. BC
 checkpoints are named by seed, dataset and steps. Figures: <run_dir>/<dataset>/seed<S>/feasible_region.png (the
 oracle's shadow hatched).
 """
@@ -55,9 +59,11 @@ import multiprocessing
 import os
 import shutil
 import statistics
+import subprocess
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Optional
 from pathlib import Path
 
 import lightning as L
@@ -231,6 +237,44 @@ def cached_figures(checkpoint: Path, data: dict, args, compute) -> dict:
     return figures
 
 
+def _git_commit() -> str:
+    """The checkout's commit (``+dirty`` with uncommitted changes), or "unknown" outside a git checkout."""
+    def git(*argv):
+        return subprocess.run(["git", *argv], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def _bank_key(data: dict, args, settings) -> dict:
+    """What banked figures must match to be reused: the step's settings, the held-out starts and episode counts."""
+    return {"settings": list(settings), "starts_sha256": hashlib.sha256(json.dumps(data["starts"]).encode()).hexdigest(),
+            **{name: getattr(args, name) for name in ("start_seed", "standard_episodes", "random_episodes", "bc_steps",
+                                                       "quick")}}
+
+
+def banked(args, behavior: str, seed: int, name: str, key: dict) -> Optional[dict]:
+    """Figures of (dataset, seed, step) kept in ``--bank`` by an earlier run with the same `key`, else None."""
+    if args.bank is None:
+        return None
+    path = Path(args.bank) / behavior / f"seed{seed}" / f"{name.lstrip('+')}.json"
+    if not path.exists():
+        return None
+    stored = json.loads(path.read_text())
+    return stored["figures"] if stored["key"] == key else None
+
+
+def bank(args, behavior: str, seed: int, name: str, key: dict, figures: dict) -> None:
+    """Keep `figures` in ``--bank`` (a folder meant to be committed: small JSON, with the machine, date and package
+    commit that produced them), so that a later run on a fresh machine resumes the benchmark without retraining."""
+    if args.bank is None:
+        return
+    path = Path(args.bank) / behavior / f"seed{seed}" / f"{name.lstrip('+')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "machine": f"{runs.cpu_model()}, {os.cpu_count()} cores",
+                                "date": time.strftime("%Y-%m-%d"), "commit": _git_commit(),
+                                "figures": figures}, indent=1) + "\n")
+
+
 def _copy_run(source: Path, target: Path) -> None:
     """Start `target` from `source`'s finished stages (not its lock, summary or figures) unless it exists already."""
     if source.exists() and not target.exists():
@@ -248,13 +292,26 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
             L.seed_everything(seed)  # the policy's own sampling
             return policy_figures(policy.eval(), data, args)
         return cached_figures(checkpoint, data, args, evaluate)
+    seed_key = _bank_key(data, args, [step for step, _, _ in recipe_steps(args)] + list(args.set))
+    whole = banked(args, behavior, seed, "seed", seed_key)
+    if whole is not None:
+        print(f"[benchmark] {behavior} seed {seed}: every figure from the bank {args.bank}")
+        return whole
     steps, previous = {}, None
     for name, recipe, settings in recipe_steps(args):
         step_dir = seed_dir / name.lstrip("+")
+        key = _bank_key(data, args, settings)
+        # the variant's actor is needed below (its critic's figures), so its step always runs
+        steps[name] = None if name == "fisor_guard" else banked(args, behavior, seed, name, key)
+        if steps[name] is not None:
+            print(f"[benchmark] {behavior} seed {seed}: {name} from the bank {args.bank}")
+            previous = step_dir if step_dir.exists() else None
+            continue
         if previous is not None:
             _copy_run(previous, step_dir)
         actor = train_step(recipe, settings, step_dir, seed, behavior, args)
         steps[name] = figures_of(actor, step_dir / "actor" / "model.ckpt")
+        bank(args, behavior, seed, name, key, steps[name])
         print_table(steps[name], f"PointRobot, dataset '{behavior}', seed {seed}: {name}")
         previous = step_dir
     critic = actor.feasibility_critic  # the variant's (the last step)
@@ -264,11 +321,14 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
         grid = region_scores(value_fn, DEFAULT_SLICES, GRID)
         on_data = feasibility_scores(critic.feasible(data["observations"]), data["oracle"], data["hazard"])
         critic_greedy = greedy_violations(critic.q_value, data["tight_starts"]).float().mean()  # nan without any
-    baselines = {}
+    baselines, key = {}, _bank_key(data, args, [])
     for name, cls in (("bc_all", BCAll), ("bc_safe", BCSafe)):
-        baselines[name] = figures_of(*train_bc(cls, args.bc_steps, seed_dir, seed, behavior))
+        baselines[name] = banked(args, behavior, seed, name, key)
+        if baselines[name] is None:
+            baselines[name] = figures_of(*train_bc(cls, args.bc_steps, seed_dir, seed, behavior))
+            bank(args, behavior, seed, name, key, baselines[name])
     variant, reference = steps["fisor_guard"], steps["published"]
-    return {
+    result = {
         **variant,
         "feasible_region_iou": grid["iou"], "feasible_region_iou_per_slice": [round(x, 4) for x in ious],
         "shadow_recall": grid["shadow_recall"], "false_infeasible_rate": grid["false_infeasible_rate"],
@@ -285,6 +345,8 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
         "steps": steps,
         "minutes": (time.time() - started) / 60,
     }
+    bank(args, behavior, seed, "seed", seed_key, result)
+    return result
 
 
 def prepare_dataset(behavior: str, args) -> dict:
@@ -373,24 +435,33 @@ def _cell(values: list[float], unit: str) -> dict:
 
 def ablation_table(run_dir: Path, behavior: str, seeds: list[int], args) -> dict:
     """The docs' plain table (`docs/gen_results.py`) of every recipe step and BC-All / BC-Safe, one row each, from
-    the figures kept beside their checkpoints in `run_dir` (`cached_figures`); per-seed values, mean and std."""
-    checkpoints = {name: lambda seed_dir, step=name.lstrip("+"): seed_dir / step / "actor" / "model.ckpt"
-                   for name, _, _ in recipe_steps(args)}
-    for label, cls in (("BC-All", BCAll), ("BC-Safe", BCSafe)):
-        checkpoints[f"{label} ({args.bc_steps} steps)"] = \
-            lambda seed_dir, cls=cls: seed_dir / f"{cls.__name__.lower()}_steps{args.bc_steps}.ckpt"
+    ``--bank`` if given, else from the figures kept beside their checkpoints in `run_dir` (`cached_figures`);
+    per-seed values, mean and std."""
+    # row title -> (name in the bank, checkpoint in a seed's run directory)
+    sources = {name: (name.lstrip("+"), lambda seed_dir, step=name.lstrip("+"): seed_dir / step / "actor" / "model.ckpt")
+               for name, _, _ in recipe_steps(args)}
+    for label, name, cls in (("BC-All", "bc_all", BCAll), ("BC-Safe", "bc_safe", BCSafe)):
+        sources[f"{label} ({args.bc_steps} steps)"] = \
+            (name, lambda seed_dir, cls=cls: seed_dir / f"{cls.__name__.lower()}_steps{args.bc_steps}.ckpt")
     rows = []
-    for name, checkpoint in checkpoints.items():
+    for title, (name, checkpoint) in sources.items():
         figures = []
         for seed in seeds:
+            if args.bank is not None:
+                path = Path(args.bank) / behavior / f"seed{seed}" / f"{name}.json"
+                if not path.exists():
+                    raise FileNotFoundError(f"{path}: no banked figures for '{title}', seed {seed}; run the benchmark "
+                                            f"with --bank {args.bank} first")
+                figures.append(json.loads(path.read_text())["figures"])
+                continue
             model = checkpoint(run_dir / behavior / f"seed{seed}")
             path = model.with_name(model.name + ".figures.json")
             stored = json.loads(path.read_text()) if path.exists() and model.exists() else None
             if stored is None or stored["key"].get("checkpoint_sha256") != _sha256([model]):
-                raise FileNotFoundError(f"{path}: no figures of the checkpoint beside it for '{name}', seed {seed}; "
+                raise FileNotFoundError(f"{path}: no figures of the checkpoint beside it for '{title}', seed {seed}; "
                                         f"run the benchmark first")
             figures.append(stored["figures"])
-        rows.append([name, *(_cell([f[key] * scale for f in figures], unit) for _, key, scale, unit in TABLE_COLUMNS)])
+        rows.append([title, *(_cell([f[key] * scale for f in figures], unit) for _, key, scale, unit in TABLE_COLUMNS)])
     return {"columns": ["recipe step", *(title for title, _, _, _ in TABLE_COLUMNS)], "rows": rows}
 
 
@@ -442,6 +513,11 @@ def main() -> None:
     parser.add_argument("--table_json", type=Path, default=None,
                         help="also write the ablation table (every step, BC-All, BC-Safe; dataset 'mixed') as a "
                              "docs/results JSON file (key tables.ablation)")
+    parser.add_argument("--bank", default=None,
+                        help="a folder of small JSON files, one per (dataset, seed, step), meant to be committed: each "
+                             "finished step's figures are kept there and a step found there with the same settings, "
+                             "starts and episode counts is not run again (the variant's step and the critic figures "
+                             "run until the whole seed is banked), so the benchmark resumes on a fresh machine")
     parser.add_argument("--table_only", action="store_true",
                         help="with --table_json: build the table from the figures already in --run_dir, run nothing")
     args = parser.parse_args()
