@@ -2,14 +2,15 @@
 
     python benchmarks/bullet_table.py --data 'datasets/{task}.hdf5' --out runs/bullet [--plan] [--write]
         [--methods fisor bc_all ...] [--tasks OfflineBallCircle-v0 OfflineCarCircle-v0] [--seeds 0 1 2]
-        [--cost_limits 10 20 40] [--timing_steps 200]
+        [--cost_limits 10 20 40] [--timing_steps 200] [--bank benchmarks/bank/bullet]
 
 ``--data`` is a dataset path with ``{task}`` for the task id (files written by `lightning-saferl build-dataset`).
 
 Default: every cell of every method (`lightning_saferl.sweep`'s cells: FISOR, BC-All and CDT once per task and seed,
 scored at every limit; the others once per limit) runs on one local Ray, one CPU per cell, the longest cells first,
 then the table of all of them is written to OUT (``lightning-saferl table``). A rerun skips finished cells and
-resumes interrupted ones, so the table can be built in pieces. ``--write`` turns OUT's table into
+resumes interrupted ones, so the table can be built in pieces; ``--bank`` carries finished cells (their config and
+summary, with the dataset's sha256) to a fresh machine through a committed folder. ``--write`` turns OUT's table into
 docs/results/bullet.json, bullet.md and bullet.png (`write_results`).
 
 ``--plan`` trains nothing to the end: per method it times ``--timing_steps`` steps of each stage (one thread, the
@@ -24,8 +25,10 @@ recipes' own.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -74,6 +77,72 @@ def cells(methods: Sequence[str], data: str, out: Path, tasks: Sequence[str], se
             sweep.check(cell, out)
             planned.append(cell)
     return planned
+
+
+# ------------------------------------------------------------------------------------------------ --bank
+#: what a banked cell keeps: enough for `sweep.check` to skip it and for `lightning-saferl table` to read it
+BANKED_FILES = ("config.yaml", "summary.json")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cell_dataset(cell, data: str) -> Path:
+    """The dataset file a cell trains on (its task in `data`)."""
+    from lightning_saferl.data.datamodule import task_path
+
+    return Path(task_path(data, cell.name.split("/")[1]))
+
+
+def restore_from_bank(bank: Path, out: Path, planned: list, data: str) -> int:
+    """Copy each banked cell's `BANKED_FILES` into OUT where OUT has no summary of that cell, if the bank's record
+    of the dataset (``dataset.json``) names the same file content (sha256) as `data` holds now: a cell trained on
+    another build of the dataset is run again. Returns the number of cells restored."""
+    restored, hashes = 0, {}
+    for cell in planned:
+        source, target = bank / cell.name, out / cell.name
+        if (target / "summary.json").exists() or not (source / "dataset.json").exists():
+            continue
+        dataset = cell_dataset(cell, data)
+        if dataset not in hashes:
+            hashes[dataset] = file_sha256(dataset) if dataset.exists() else None
+        banked_sha = json.loads((source / "dataset.json").read_text())["sha256"]
+        if banked_sha != hashes[dataset]:
+            print(f"[bank] {cell.name}: banked on another build of {dataset.name} (sha256 {banked_sha[:12]}, "
+                  f"this file {str(hashes[dataset])[:12]}); it runs again")
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        for name in BANKED_FILES:
+            shutil.copyfile(source / name, target / name)
+        restored += 1
+    return restored
+
+
+def deposit_in_bank(bank: Path, out: Path, planned: list, data: str) -> int:
+    """Copy every finished cell's `BANKED_FILES` from OUT into the bank (small text files meant to be committed, so
+    that the table resumes on a fresh machine), with ``dataset.json``: the dataset's file name and sha256, and the
+    machine and date. Returns the number of cells added."""
+    from lightning_saferl.runs import cpu_model
+
+    added = 0
+    for cell in planned:
+        source, target = out / cell.name, bank / cell.name
+        if not (source / "summary.json").exists() or (target / "summary.json").exists():
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        for name in BANKED_FILES:
+            shutil.copyfile(source / name, target / name)
+        dataset = cell_dataset(cell, data)
+        (target / "dataset.json").write_text(json.dumps(
+            {"file": dataset.name, "sha256": file_sha256(dataset), "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+             "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
+        added += 1
+    return added
 
 
 # ------------------------------------------------------------------------------------------------ --plan
@@ -221,6 +290,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--plan", action="store_true", help="time the budgets instead of running them")
     parser.add_argument("--timing_steps", type=int, default=200, help="steps timed per stage with --plan")
     parser.add_argument("--write", action="store_true", help="write docs/results/bullet.json from OUT's table")
+    parser.add_argument("--bank", type=Path, default=None,
+                        help="a folder meant to be committed (e.g. benchmarks/bank/bullet): finished cells' config and "
+                             "summary are copied there after the run, and cells banked on the same dataset file "
+                             "(sha256) are restored into OUT before it, so a fresh machine resumes the table")
     args = parser.parse_args(argv)
     if "{task}" not in args.data:
         parser.error(f"--data {args.data!r} must contain {{task}} (one file per task)")
@@ -233,6 +306,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     out = Path(args.out).resolve()
     planned = cells(args.methods, args.data, out, args.tasks, args.seeds, args.cost_limits)
+    if args.bank is not None and restore_from_bank(args.bank, out, planned, args.data):
+        planned = cells(args.methods, args.data, out, args.tasks, args.seeds, args.cost_limits)
     refused = [c for c in planned if c.status == "refused"]
     for cell in refused:
         print(f"REFUSED {cell.name}: {cell.message}")
@@ -241,7 +316,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"{len(todo)} to run", flush=True)
     order = list(BUDGETS)  # the longest methods first, so that two cores stay busy to the end
     todo.sort(key=lambda c: order.index(c.name.split("/")[0]))
-    sweep.run_cells(todo, out)
+    try:
+        sweep.run_cells(todo, out)
+    finally:  # an interrupted run banks what finished
+        if args.bank is not None:
+            print(f"[bank] {deposit_in_bank(args.bank, out, planned, args.data)} cells added to {args.bank}")
     result = write_table([str(out)], str(out)) if any((out / c.name / "summary.json").exists() for c in planned) \
         else {}
     if args.write:

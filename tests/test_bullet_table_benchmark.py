@@ -45,3 +45,29 @@ def test_write_turns_the_table_into_rows_a_page_and_a_picture(tmp_path):
     page = (results / "bullet.md").read_text()
     assert "| OfflineCarCircle-v0 | bc_safe | 0.500 | 1.000 | **no** |" in page  # means over the limits
     assert "| the sweep's table |" in page and (results / "bullet.png").read_bytes() == b"png"
+
+
+def test_bank_carries_finished_cells_to_a_fresh_out_only_for_the_same_dataset_file(tmp_path):
+    bench = _bench()
+    data = str(tmp_path / "{task}.hdf5")
+    for task in bench.TASKS:
+        (tmp_path / f"{task}.hdf5").write_bytes(b"dataset " + task.encode())
+    out, bank = tmp_path / "out", tmp_path / "bank"
+    planned = bench.cells(["bc_all"], data, out, bench.TASKS, [0], [10, 20, 40])
+    finished = planned[0]
+    (out / finished.name).mkdir(parents=True)
+    (out / finished.name / "config.yaml").write_text("seed_everything: 0\n")
+    (out / finished.name / "summary.json").write_text('{"return_mean": 1.5}')
+    assert bench.deposit_in_bank(bank, out, planned, data) == 1
+    assert bench.deposit_in_bank(bank, out, planned, data) == 0  # already banked
+    record = json.loads((bank / finished.name / "dataset.json").read_text())
+    assert record["sha256"] == bench.file_sha256(bench.cell_dataset(finished, data))
+
+    fresh = tmp_path / "fresh"
+    assert bench.restore_from_bank(bank, fresh, planned, data) == 1
+    assert (fresh / finished.name / "summary.json").read_text() == '{"return_mean": 1.5}'
+    # another build of the dataset: the banked cell is not taken
+    other = tmp_path / "other"
+    bench.cell_dataset(finished, data).write_bytes(b"rebuilt differently")
+    assert bench.restore_from_bank(bank, other, planned, data) == 0
+    assert not (other / finished.name).exists()
