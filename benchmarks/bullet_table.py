@@ -25,7 +25,6 @@ recipes' own.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -84,14 +83,6 @@ def cells(methods: Sequence[str], data: str, out: Path, tasks: Sequence[str], se
 BANKED_FILES = ("config.yaml", "summary.json")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cell_dataset(cell, data: str) -> Path:
     """The dataset file a cell trains on (its task in `data`)."""
     from lightning_saferl.data.datamodule import task_path
@@ -103,6 +94,8 @@ def restore_from_bank(bank: Path, out: Path, planned: list, data: str) -> int:
     """Copy each banked cell's `BANKED_FILES` into OUT where OUT has no summary of that cell, if the bank's record
     of the dataset (``dataset.json``) names the same file content (sha256) as `data` holds now: a cell trained on
     another build of the dataset is run again. Returns the number of cells restored."""
+    from lightning_saferl.data.download import file_sha256
+
     restored, hashes = 0, {}
     for cell in planned:
         source, target = bank / cell.name, out / cell.name
@@ -127,6 +120,7 @@ def deposit_in_bank(bank: Path, out: Path, planned: list, data: str) -> int:
     """Copy every finished cell's `BANKED_FILES` from OUT into the bank (small text files meant to be committed, so
     that the table resumes on a fresh machine), with ``dataset.json``: the dataset's file name and sha256, and the
     machine and date. Returns the number of cells added."""
+    from lightning_saferl.data.download import file_sha256
     from lightning_saferl.runs import cpu_model
 
     added = 0

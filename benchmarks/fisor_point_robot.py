@@ -217,6 +217,10 @@ def _sha256(paths) -> str:
     return digest.hexdigest()
 
 
+def _starts_sha256(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data["starts"]).encode()).hexdigest()
+
+
 PACKAGE_SHA256 = _sha256(sorted(Path(lightning_saferl.__file__).parent.rglob("*.py")))
 
 
@@ -225,7 +229,7 @@ def cached_figures(checkpoint: Path, data: dict, args, compute) -> dict:
     checkpoint, the package's code, the held-out starts and the episode counts are the same: an interrupted
     benchmark resumes with its evaluations, not only its training."""
     key = {"checkpoint_sha256": _sha256([checkpoint]), "package_sha256": PACKAGE_SHA256,
-           "starts_sha256": hashlib.sha256(json.dumps(data["starts"]).encode()).hexdigest(),
+           "starts_sha256": _starts_sha256(data),
            **{name: getattr(args, name) for name in ("start_seed", "standard_episodes", "random_episodes")}}
     path = checkpoint.with_name(checkpoint.name + ".figures.json")
     if path.exists():
@@ -247,7 +251,7 @@ def _git_commit() -> str:
 
 def _bank_key(data: dict, args, settings) -> dict:
     """What banked figures must match to be reused: the step's settings, the held-out starts and episode counts."""
-    return {"settings": list(settings), "starts_sha256": hashlib.sha256(json.dumps(data["starts"]).encode()).hexdigest(),
+    return {"settings": list(settings), "starts_sha256": _starts_sha256(data),
             **{name: getattr(args, name) for name in ("start_seed", "standard_episodes", "random_episodes", "bc_steps",
                                                        "quick")}}
 

@@ -4,6 +4,7 @@ from collections import Counter
 
 import pytest
 
+from lightning_saferl.data.download import file_sha256
 from scripts import load_script
 
 pytest.importorskip("ray")
@@ -61,7 +62,7 @@ def test_bank_carries_finished_cells_to_a_fresh_out_only_for_the_same_dataset_fi
     assert bench.deposit_in_bank(bank, out, planned, data) == 1
     assert bench.deposit_in_bank(bank, out, planned, data) == 0  # already banked
     record = json.loads((bank / finished.name / "dataset.json").read_text())
-    assert record["sha256"] == bench.file_sha256(bench.cell_dataset(finished, data))
+    assert record["sha256"] == file_sha256(bench.cell_dataset(finished, data))
 
     fresh = tmp_path / "fresh"
     assert bench.restore_from_bank(bank, fresh, planned, data) == 1

@@ -28,7 +28,6 @@ Outputs in DIR: ``<task>.hdf5`` (DSRL keys, `write_dataset`), ``<task>.card.json
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -45,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 from lightning_saferl.data.collect import episode_sums
+from lightning_saferl.data.download import file_sha256
 from lightning_saferl.data.format import REQUIRED_KEYS, write_dataset
 from lightning_saferl.data.ppo_lagrangian import PPOLagConfig, PPOLagrangian
 from lightning_saferl.data.tasks import TaskSpec, get_task
@@ -403,14 +403,6 @@ def plot_scatter(arrays: dict[str, np.ndarray], spec: TaskSpec, path: Path,
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------- the build
 def _check_settings(out: Path, settings: BuildSettings) -> float:
     """Store the settings on a first run; refuse other settings on a rerun. Returns the wall seconds so far."""
@@ -512,7 +504,7 @@ def _write_outputs(out: Path, settings: BuildSettings, chunks: list[int], name: 
                            "final_return": float(returns[last].mean()) if len(mine) else None,
                            "final_cost": float(costs[last].mean()) if len(mine) else None})
     spec = get_task(settings.task)
-    card = dataset_card(arrays, spec, _sha256(path), wall_minutes, extra={
+    card = dataset_card(arrays, spec, file_sha256(path), wall_minutes, extra={
         "partial": sum(chunks) < settings.chunks_per_agent * len(chunks),
         "core_minutes": round(core_seconds / 60, 2), "workers": workers,
         "recorded_episodes": len(table), "agent": "PPO-Lagrangian (lightning_saferl.data.ppo_lagrangian)",

@@ -26,7 +26,7 @@ from typing import Optional, Union
 from lightning_saferl.data.format import DatasetError, check_file
 from lightning_saferl.data.tasks import DSRL_URL_BASE, TaskSpec
 
-__all__ = ["dsrl_dataset_dir", "resolve_dataset", "download_file", "mirror_base", "dataset_url", "HF_DSRL_REPO"]
+__all__ = ["file_sha256", "dsrl_dataset_dir", "resolve_dataset", "download_file", "mirror_base", "dataset_url", "HF_DSRL_REPO"]
 
 _CHUNK = 1 << 20
 #: Hugging Face dataset repo mirroring DSRL's files under their DSRL names (pointed to by DSRL's maintainers
@@ -118,7 +118,9 @@ def _transient(err: BaseException) -> bool:
     return isinstance(err, (requests.ConnectionError, requests.Timeout, _Truncated))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Union[str, Path]) -> str:
+    """The sha256 hex digest of a file, computed once per (path, size, mtime) in a process."""
+    path = Path(path)
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _hash_memo:
@@ -186,13 +188,13 @@ def download_file(url: str, dest: Union[str, os.PathLike], sha256: Optional[str]
                 f"offline, fetch the file elsewhere and place it at {dest} (or set DSRL_DATASET_DIR to the folder "
                 f"holding it, or pass its path explicitly)") from err
     if sha256 is None:
-        _record_sha256(dest, _sha256(dest))
+        _record_sha256(dest, file_sha256(dest))
     return dest
 
 
 def _check_cached(path: Path, expected: Optional[str], origin: str) -> Path:
     """Compare a cached file's sha256 with ``expected``; record it when nothing is expected yet."""
-    got = _sha256(path)
+    got = file_sha256(path)
     if expected is None:
         _record_sha256(path, got)
     elif got != expected:
