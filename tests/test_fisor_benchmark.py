@@ -22,7 +22,7 @@ def bench():
 def _args(bench, tmp_path, **kwargs):
     values = dict(recipe=str(bench.RECIPE), reference_recipe=str(bench.REFERENCE_RECIPE), set=[], ablation=False,
                   quick=True, standard_episodes=2, bc_steps=5, random_episodes=3, start_seed=0,
-                  run_dir=str(tmp_path / "bench"))
+                  run_dir=str(tmp_path / "bench"), bank=None)
     return argparse.Namespace(**{**values, **kwargs})
 
 
@@ -131,3 +131,33 @@ def test_the_ablation_table_holds_every_step_and_both_baselines_per_seed(bench, 
     retrained.write_bytes(b"retrained, not evaluated yet")  # figures of another checkpoint are not this one's
     with pytest.raises(FileNotFoundError, match="'published', seed 1"):
         bench.ablation_table(run_dir, "mixed", [0, 1], args)
+
+
+def test_banked_figures_resume_a_run_and_build_the_table_without_checkpoints(bench, tmp_path, monkeypatch):
+    args = _args(bench, tmp_path, ablation=True, feasible_episodes=2000, bank=str(tmp_path / "bank"))
+    data = {"starts": [{"state": [0.0, 1.0, 0.0, 0.0]}]}
+    key = bench._bank_key(data, args, ["a=1"])
+    bench.bank(args, "mixed", 0, "+proposals", key, {"goal_rate": 0.7})
+    assert bench.banked(args, "mixed", 0, "+proposals", key) == {"goal_rate": 0.7}
+    stored = json.loads((tmp_path / "bank" / "mixed" / "seed0" / "proposals.json").read_text())
+    assert stored["date"] and stored["machine"] and stored["commit"]
+    # other settings, starts or episode counts: not the banked figures
+    assert bench.banked(args, "mixed", 0, "+proposals", bench._bank_key(data, args, ["a=2"])) is None
+    args.random_episodes += 1
+    assert bench.banked(args, "mixed", 0, "+proposals", bench._bank_key(data, args, ["a=1"])) is None
+    args.random_episodes -= 1
+    # a banked seed returns without training anything
+    monkeypatch.setattr(bench, "train_step", lambda *a: pytest.fail("a banked seed trained"))
+    seed_key = bench._bank_key(data, args, [name for name, _, _ in bench.recipe_steps(args)])
+    bench.bank(args, "mixed", 1, "seed", seed_key, {"steps": {}, "goal_rate": 0.8})
+    assert bench.run_seed(1, "mixed", data, args, tmp_path / "bench")["goal_rate"] == 0.8
+    # the table from the bank alone
+    names = [name.lstrip("+") for name, _, _ in bench.recipe_steps(args)] + ["bc_all", "bc_safe"]
+    for seed in (0, 1):
+        for rank, name in enumerate(names):
+            bench.bank(args, "mixed", seed, name, key, {k: seed + rank / 10 for _, k, _, _ in bench.TABLE_COLUMNS})
+    table = bench.ablation_table(tmp_path / "no_runs", "mixed", [0, 1], args)
+    assert [row[0] for row in table["rows"]][-2:] == ["BC-All (5 steps)", "BC-Safe (5 steps)"]
+    assert table["rows"][1][1]["seeds"] == [10.0, 110.0]
+    with pytest.raises(FileNotFoundError, match="seed 2"):
+        bench.ablation_table(tmp_path / "no_runs", "mixed", [0, 1, 2], args)
