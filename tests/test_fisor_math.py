@@ -76,14 +76,19 @@ def test_vp_schedule_forward_noising_and_reverse_step():
     assert big.item() == 1.0
 
 
-def test_ensemble_members_are_independent_linear_maps():
+@pytest.mark.parametrize("out_dim", [2, 1])  # one output column takes the product-and-sum path
+def test_ensemble_members_are_independent_linear_maps(out_dim):
     torch.manual_seed(0)
-    net = EnsembleMLP(3, 4, 2, hidden_dims=())
+    net = EnsembleMLP(3, 4, out_dim, hidden_dims=())
     x = torch.randn(5, 4)
     out = net(x)
+    out.square().sum().backward()
     layer = net.layers[0]
     for m in range(3):
-        assert torch.allclose(out[m], x @ layer.weight[m] + layer.bias[m], atol=1e-6)
+        member = x @ layer.weight[m] + layer.bias[m]
+        assert torch.allclose(out[m], member, atol=1e-6)
+        # d/dW sum (xW + b)^2 = 2 x^T (xW + b), member by member
+        assert torch.allclose(layer.weight.grad[m], 2 * x.T @ member.detach(), atol=1e-5)
 
 
 class _StubFeasibility(torch.nn.Module):

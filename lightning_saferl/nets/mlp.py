@@ -29,7 +29,8 @@ class MLP(nn.Sequential):
 
 
 class EnsembleLinear(nn.Module):
-    """E independent linear layers applied at once: (E, B, in) -> (E, B, out) by one batched matmul."""
+    """E independent linear layers applied at once: (E, B, in) -> (E, B, out) by one batched matmul; with out = 1
+    by one product and a sum over `in` (the same map: CPU bmm with one output column is 2-5x slower than that)."""
 
     def __init__(self, num_members: int, in_dim: int, out_dim: int):
         super().__init__()
@@ -40,6 +41,8 @@ class EnsembleLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.shape[-1] == 1:
+            return (x * self.weight.transpose(1, 2)).sum(-1, keepdim=True) + self.bias
         return torch.baddbmm(self.bias, x, self.weight)
 
 
