@@ -116,27 +116,24 @@ def restore_from_bank(bank: Path, out: Path, planned: list, data: str) -> int:
     return restored
 
 
-def deposit_in_bank(bank: Path, out: Path, planned: list, data: str) -> int:
-    """Copy every finished cell's `BANKED_FILES` from OUT into the bank (small text files meant to be committed, so
-    that the table resumes on a fresh machine), with ``dataset.json``: the dataset's file name and sha256, and the
-    machine and date. Returns the number of cells added."""
+def deposit_in_bank(bank: Path, out: Path, cell, data: str) -> bool:
+    """Copy a finished cell's `BANKED_FILES` from OUT into the bank (small text files meant to be committed, so that
+    the table resumes on a fresh machine), with ``dataset.json``: the dataset's file name and sha256, and the machine
+    and date. False where the cell has no summary or is banked already."""
     from lightning_saferl.data.download import file_sha256
     from lightning_saferl.runs import cpu_model
 
-    added = 0
-    for cell in planned:
-        source, target = out / cell.name, bank / cell.name
-        if not (source / "summary.json").exists() or (target / "summary.json").exists():
-            continue
-        target.mkdir(parents=True, exist_ok=True)
-        for name in BANKED_FILES:
-            shutil.copyfile(source / name, target / name)
-        dataset = cell_dataset(cell, data)
-        (target / "dataset.json").write_text(json.dumps(
-            {"file": dataset.name, "sha256": file_sha256(dataset), "machine": f"{cpu_model()}, {os.cpu_count()} cores",
-             "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
-        added += 1
-    return added
+    source, target = out / cell.name, bank / cell.name
+    if not (source / "summary.json").exists() or (target / "summary.json").exists():
+        return False
+    target.mkdir(parents=True, exist_ok=True)
+    for name in BANKED_FILES:
+        shutil.copyfile(source / name, target / name)
+    dataset = cell_dataset(cell, data)
+    (target / "dataset.json").write_text(json.dumps(
+        {"file": dataset.name, "sha256": file_sha256(dataset), "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+         "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ --plan
@@ -310,11 +307,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"{len(todo)} to run", flush=True)
     order = list(BUDGETS)  # the longest methods first, so that two cores stay busy to the end
     todo.sort(key=lambda c: order.index(c.name.split("/")[0]))
-    try:
-        sweep.run_cells(todo, out)
-    finally:  # an interrupted run banks what finished
-        if args.bank is not None:
-            print(f"[bank] {deposit_in_bank(args.bank, out, planned, args.data)} cells added to {args.bank}")
+    if args.bank is not None:  # cells finished in OUT before, then each cell as it finishes
+        banked = sum(deposit_in_bank(args.bank, out, cell, args.data) for cell in planned)
+        print(f"[bank] {banked} finished cells of {out} added to {args.bank}")
+    sweep.run_cells(todo, out, on_finished=None if args.bank is None else
+                    lambda cell: deposit_in_bank(args.bank, out, cell, args.data))
     result = write_table([str(out)], str(out)) if any((out / c.name / "summary.json").exists() for c in planned) \
         else {}
     if args.write:

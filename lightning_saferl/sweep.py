@@ -41,7 +41,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
@@ -244,8 +244,9 @@ def _start_ray(address: Optional[str]):
 
 
 def run_cells(cells: list[Cell], out: Path, address: Optional[str] = None, cpus_per_run: float = 1,
-              gpus_per_run: float = 0) -> None:
-    """Run the pending cells as Ray tasks, updating each cell's status; one progress line per finished cell."""
+              gpus_per_run: float = 0, on_finished: Optional[Callable[[Cell], None]] = None) -> None:
+    """Run the pending cells as Ray tasks, updating each cell's status; one progress line per finished cell, and
+    `on_finished(cell)` for each cell that finished well."""
     pending = [c for c in cells if c.status == "pending"]
     if not pending:
         return
@@ -266,6 +267,8 @@ def run_cells(cells: list[Cell], out: Path, address: Optional[str] = None, cpus_
             cell.status, cell.message = ("finished", "") if result["ok"] else ("failed", result["error"])
             done += 1
             print(_progress(done, len(pending), cell, log), flush=True)
+            if on_finished is not None and cell.status == "finished":
+                on_finished(cell)
     finally:
         if started_here:
             ray.shutdown()

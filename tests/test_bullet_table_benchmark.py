@@ -59,8 +59,8 @@ def test_bank_carries_finished_cells_to_a_fresh_out_only_for_the_same_dataset_fi
     (out / finished.name).mkdir(parents=True)
     (out / finished.name / "config.yaml").write_text("seed_everything: 0\n")
     (out / finished.name / "summary.json").write_text('{"return_mean": 1.5}')
-    assert bench.deposit_in_bank(bank, out, planned, data) == 1
-    assert bench.deposit_in_bank(bank, out, planned, data) == 0  # already banked
+    assert [bench.deposit_in_bank(bank, out, cell, data) for cell in planned] == [True] + [False] * (len(planned) - 1)
+    assert not bench.deposit_in_bank(bank, out, finished, data)  # already banked
     record = json.loads((bank / finished.name / "dataset.json").read_text())
     assert record["sha256"] == file_sha256(bench.cell_dataset(finished, data))
 

@@ -14,7 +14,7 @@ import yaml
 
 from lightning_saferl.data.tasks import get_task
 from lightning_saferl.evaluation import limit_scores
-from lightning_saferl.sweep import resolved_config, run_sweep, sweep_main
+from lightning_saferl.sweep import plan, resolved_config, run_cells, run_sweep, sweep_main
 from lightning_saferl.table import table_main
 
 ray = pytest.importorskip("ray")
@@ -142,6 +142,16 @@ def test_failing_cell_leaves_the_others_finished_and_names_its_log(sweep, tmp_pa
     table = table_main([str(tmp_path / "out"), str(sweep[0] / "out"), "--out", str(tmp_path / "joint")])
     assert sorted({(r["algorithm"], r["cost_limit"], r["n"]) for r in table["rows"]}) == [
         ("bc_safe", 0.0, 2), ("bc_safe", 10.0, 2), ("bc_safe[path=tiny.hdf5]", 10.0, 1)]
+
+
+def test_each_cell_that_finishes_is_handed_over_as_it_finishes(tmp_path, tiny, local_ray):
+    recipe = write_yaml(tmp_path / "recipe.yaml", bc_safe_recipe(tiny))
+    cells = plan(recipe, tmp_path / "out", seeds=[0], cost_limits=[10],
+                 grid=[f"data.path=[{tiny}, {tmp_path / 'missing.hdf5'}]"])
+    handed = []
+    run_cells(cells, tmp_path / "out", on_finished=lambda cell: handed.append(
+        (cell.name, (tmp_path / "out" / cell.name / "summary.json").exists())))
+    assert handed == [("bc_safe/PointRobot-v0/path=tiny.hdf5/limit_10/seed_0", True)]  # not the failed cell
 
 
 def test_cost_limit_fields_follow_the_limit():
