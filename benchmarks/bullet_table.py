@@ -282,9 +282,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--timing_steps", type=int, default=200, help="steps timed per stage with --plan")
     parser.add_argument("--write", action="store_true", help="write docs/results/bullet.json from OUT's table")
     parser.add_argument("--bank", type=Path, default=None,
-                        help="a folder meant to be committed (e.g. benchmarks/bank/bullet): finished cells' config and "
-                             "summary are copied there after the run, and cells banked on the same dataset file "
-                             "(sha256) are restored into OUT before it, so a fresh machine resumes the table")
+                        help="a folder meant to be committed (e.g. benchmarks/bank/bullet): each cell's config and "
+                             "summary are copied there as it finishes, and cells banked on the same dataset file "
+                             "(sha256) are restored into OUT before the run, so a fresh machine resumes the table")
     args = parser.parse_args(argv)
     if "{task}" not in args.data:
         parser.error(f"--data {args.data!r} must contain {{task}} (one file per task)")
