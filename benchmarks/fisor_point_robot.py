@@ -47,8 +47,8 @@ BC-All / BC-Safe, per seed) for docs/gen_results.py; ``--table_only`` builds it 
 ``--bank DIR`` keeps every finished step's figures as small JSON files (with machine, date and commit) that are
 committed, so that the 3-seed ablation (about 2.5 hours per seed on one core: 8 actors, each evaluated on 2520
 episodes) resumes on a fresh machine from the steps a previous run finished, and ``--table_only --bank DIR`` builds
-the table from them. BC checkpoints are named by seed, dataset and steps. Figures: <run_dir>/<dataset>/seed<S>/feasible_region.png (the
-oracle's shadow hatched).
+the table from them. BC checkpoints are named by seed, dataset and steps. Figures:
+<run_dir>/<dataset>/seed<S>/feasible_region.png (the oracle's shadow hatched).
 """
 from __future__ import annotations
 
