@@ -256,11 +256,15 @@ def _bank_key(data: dict, args, settings) -> dict:
                                                        "quick")}}
 
 
+def _bank_path(args, behavior: str, seed: int, name: str) -> Path:
+    return Path(args.bank) / behavior / f"seed{seed}" / f"{name.lstrip('+')}.json"
+
+
 def banked(args, behavior: str, seed: int, name: str, key: dict) -> Optional[dict]:
     """Figures of (dataset, seed, step) kept in ``--bank`` by an earlier run with the same `key`, else None."""
     if args.bank is None:
         return None
-    path = Path(args.bank) / behavior / f"seed{seed}" / f"{name.lstrip('+')}.json"
+    path = _bank_path(args, behavior, seed, name)
     if not path.exists():
         return None
     stored = json.loads(path.read_text())
@@ -272,7 +276,7 @@ def bank(args, behavior: str, seed: int, name: str, key: dict, figures: dict) ->
     commit that produced them), so that a later run on a fresh machine resumes the benchmark without retraining."""
     if args.bank is None:
         return
-    path = Path(args.bank) / behavior / f"seed{seed}" / f"{name.lstrip('+')}.json"
+    path = _bank_path(args, behavior, seed, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"key": key, "machine": f"{runs.cpu_model()}, {os.cpu_count()} cores",
                                 "date": time.strftime("%Y-%m-%d"), "commit": _git_commit(),
@@ -452,7 +456,7 @@ def ablation_table(run_dir: Path, behavior: str, seeds: list[int], args) -> dict
         figures = []
         for seed in seeds:
             if args.bank is not None:
-                path = Path(args.bank) / behavior / f"seed{seed}" / f"{name}.json"
+                path = _bank_path(args, behavior, seed, name)
                 if not path.exists():
                     raise FileNotFoundError(f"{path}: no banked figures for '{title}', seed {seed}; run the benchmark "
                                             f"with --bank {args.bank} first")
