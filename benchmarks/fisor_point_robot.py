@@ -76,6 +76,7 @@ from lightning_saferl.actors import BCAll, BCSafe
 from lightning_saferl.callbacks.feasible_region import DEFAULT_SLICES, plot_feasible_region, region_scores
 from lightning_saferl.data.collect import summarize
 from lightning_saferl.data.datamodule import OfflineDataModule
+from lightning_saferl.data.download import file_sha256
 from lightning_saferl.data.tasks import get_task
 from lightning_saferl.envs import point_robot as pr
 from lightning_saferl.envs.oracle import (
@@ -249,11 +250,20 @@ def _git_commit() -> str:
     return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def _bank_key(data: dict, args, settings) -> dict:
-    """What banked figures must match to be reused: the step's settings, the held-out starts and episode counts."""
-    return {"settings": list(settings), "starts_sha256": _starts_sha256(data),
+def _bank_key(starts_sha256: Optional[str], args, settings, recipes=()) -> dict:
+    """What banked figures must match to be reused: the step's settings and recipe files (sha256 of their text), the
+    held-out starts and the episode counts. The package's code is not in it (the commit is kept beside the figures):
+    after a change of what a step learns or how it acts, delete the step's files (and ``seed.json``) to rerun it."""
+    return {"settings": list(settings), "recipes_sha256": [file_sha256(recipe) for recipe in recipes],
+            "starts_sha256": starts_sha256,
             **{name: getattr(args, name) for name in ("start_seed", "standard_episodes", "random_episodes", "bc_steps",
                                                        "quick")}}
+
+
+def _seed_bank_key(starts_sha256: Optional[str], args) -> dict:
+    """The key of a whole seed in the bank: every step's name, the variant's settings, both recipes."""
+    return _bank_key(starts_sha256, args, [step for step, _, _ in recipe_steps(args)] + list(args.set),
+                     (args.reference_recipe, args.recipe))
 
 
 def _bank_path(args, behavior: str, seed: int, name: str) -> Path:
@@ -300,7 +310,8 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
             L.seed_everything(seed)  # the policy's own sampling
             return policy_figures(policy.eval(), data, args)
         return cached_figures(checkpoint, data, args, evaluate)
-    seed_key = _bank_key(data, args, [step for step, _, _ in recipe_steps(args)] + list(args.set))
+    starts_sha256 = _starts_sha256(data)
+    seed_key = _seed_bank_key(starts_sha256, args)
     whole = banked(args, behavior, seed, "seed", seed_key)
     if whole is not None:
         print(f"[benchmark] {behavior} seed {seed}: every figure from the bank {args.bank}")
@@ -308,7 +319,7 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
     steps, previous = {}, None
     for name, recipe, settings in recipe_steps(args):
         step_dir = seed_dir / name.lstrip("+")
-        key = _bank_key(data, args, settings)
+        key = _bank_key(starts_sha256, args, settings, (recipe,))
         # the variant's actor is needed below (its critic's figures), so its step always runs
         steps[name] = None if name == "fisor_guard" else banked(args, behavior, seed, name, key)
         if steps[name] is not None:
@@ -329,7 +340,7 @@ def run_seed(seed: int, behavior: str, data: dict, args, run_dir: Path) -> dict:
         grid = region_scores(value_fn, DEFAULT_SLICES, GRID)
         on_data = feasibility_scores(critic.feasible(data["observations"]), data["oracle"], data["hazard"])
         critic_greedy = greedy_violations(critic.q_value, data["tight_starts"]).float().mean()  # nan without any
-    baselines, key = {}, _bank_key(data, args, [])
+    baselines, key = {}, _bank_key(starts_sha256, args, [])
     for name, cls in (("bc_all", BCAll), ("bc_safe", BCSafe)):
         baselines[name] = banked(args, behavior, seed, name, key)
         if baselines[name] is None:
@@ -445,14 +456,16 @@ def ablation_table(run_dir: Path, behavior: str, seeds: list[int], args) -> dict
     """The docs' plain table (`docs/gen_results.py`) of every recipe step and BC-All / BC-Safe, one row each, from
     ``--bank`` if given, else from the figures kept beside their checkpoints in `run_dir` (`cached_figures`);
     per-seed values, mean and std."""
-    # row title -> (name in the bank, checkpoint in a seed's run directory)
-    sources = {name: (name.lstrip("+"), lambda seed_dir, step=name.lstrip("+"): seed_dir / step / "actor" / "model.ckpt")
-               for name, _, _ in recipe_steps(args)}
+    # row title -> (name in the bank, its bank key but the starts, checkpoint in a seed's run directory)
+    sources = {name: (name.lstrip("+"), _bank_key(None, args, settings, (recipe,)),
+                      lambda seed_dir, step=name.lstrip("+"): seed_dir / step / "actor" / "model.ckpt")
+               for name, recipe, settings in recipe_steps(args)}
     for label, name, cls in (("BC-All", "bc_all", BCAll), ("BC-Safe", "bc_safe", BCSafe)):
         sources[f"{label} ({args.bc_steps} steps)"] = \
-            (name, lambda seed_dir, cls=cls: seed_dir / f"{cls.__name__.lower()}_steps{args.bc_steps}.ckpt")
-    rows = []
-    for title, (name, checkpoint) in sources.items():
+            (name, _bank_key(None, args, []),
+             lambda seed_dir, cls=cls: seed_dir / f"{cls.__name__.lower()}_steps{args.bc_steps}.ckpt")
+    rows, starts = [], set()
+    for title, (name, key, checkpoint) in sources.items():
         figures = []
         for seed in seeds:
             if args.bank is not None:
@@ -460,7 +473,13 @@ def ablation_table(run_dir: Path, behavior: str, seeds: list[int], args) -> dict
                 if not path.exists():
                     raise FileNotFoundError(f"{path}: no banked figures for '{title}', seed {seed}; run the benchmark "
                                             f"with --bank {args.bank} first")
-                figures.append(json.loads(path.read_text())["figures"])
+                stored = json.loads(path.read_text())
+                starts.add(stored["key"]["starts_sha256"])
+                differing = sorted(k for k in key if k != "starts_sha256" and stored["key"].get(k) != key[k])
+                if differing or len(starts) > 1:
+                    raise ValueError(f"{path}: banked for other {differing or 'held-out starts'} than this table's "
+                                     f"(its key: {stored['key']}); run the benchmark with --bank {args.bank} again")
+                figures.append(stored["figures"])
                 continue
             model = checkpoint(run_dir / behavior / f"seed{seed}")
             path = model.with_name(model.name + ".figures.json")

@@ -136,28 +136,47 @@ def test_the_ablation_table_holds_every_step_and_both_baselines_per_seed(bench, 
 def test_banked_figures_resume_a_run_and_build_the_table_without_checkpoints(bench, tmp_path, monkeypatch):
     args = _args(bench, tmp_path, ablation=True, feasible_episodes=2000, bank=str(tmp_path / "bank"))
     data = {"starts": [{"state": [0.0, 1.0, 0.0, 0.0]}]}
-    key = bench._bank_key(data, args, ["a=1"])
+    starts = bench._starts_sha256(data)
+    key = bench._bank_key(starts, args, ["a=1"], (bench.RECIPE,))
     bench.bank(args, "mixed", 0, "+proposals", key, {"goal_rate": 0.7})
     assert bench.banked(args, "mixed", 0, "+proposals", key) == {"goal_rate": 0.7}
     stored = json.loads((tmp_path / "bank" / "mixed" / "seed0" / "proposals.json").read_text())
     assert stored["date"] and stored["machine"] and stored["commit"]
     # other settings, starts or episode counts: not the banked figures
-    assert bench.banked(args, "mixed", 0, "+proposals", bench._bank_key(data, args, ["a=2"])) is None
+    assert bench.banked(args, "mixed", 0, "+proposals", bench._bank_key(starts, args, ["a=2"], (bench.RECIPE,))) is None
     args.random_episodes += 1
-    assert bench.banked(args, "mixed", 0, "+proposals", bench._bank_key(data, args, ["a=1"])) is None
+    assert bench.banked(args, "mixed", 0, "+proposals", bench._bank_key(starts, args, ["a=1"], (bench.RECIPE,))) is None
     args.random_episodes -= 1
+    # an edited recipe file: not the banked figures
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(bench.RECIPE.read_text())
+    assert bench._bank_key(starts, args, ["a=1"], (recipe,)) == key
+    recipe.write_text(bench.RECIPE.read_text() + "# edited\n")
+    assert bench.banked(args, "mixed", 0, "+proposals", bench._bank_key(starts, args, ["a=1"], (recipe,))) is None
     # a banked seed returns without training anything
     monkeypatch.setattr(bench, "train_step", lambda *a: pytest.fail("a banked seed trained"))
-    seed_key = bench._bank_key(data, args, [name for name, _, _ in bench.recipe_steps(args)])
+    seed_key = bench._seed_bank_key(starts, args)
     bench.bank(args, "mixed", 1, "seed", seed_key, {"steps": {}, "goal_rate": 0.8})
     assert bench.run_seed(1, "mixed", data, args, tmp_path / "bench")["goal_rate"] == 0.8
     # the table from the bank alone
-    names = [name.lstrip("+") for name, _, _ in bench.recipe_steps(args)] + ["bc_all", "bc_safe"]
+    keys = {name.lstrip("+"): bench._bank_key(starts, args, settings, (recipe,))
+            for name, recipe, settings in bench.recipe_steps(args)}
+    keys.update(bc_all=bench._bank_key(starts, args, []), bc_safe=bench._bank_key(starts, args, []))
     for seed in (0, 1):
-        for rank, name in enumerate(names):
-            bench.bank(args, "mixed", seed, name, key, {k: seed + rank / 10 for _, k, _, _ in bench.TABLE_COLUMNS})
+        for rank, (name, step_key) in enumerate(keys.items()):
+            bench.bank(args, "mixed", seed, name, step_key, {k: seed + rank / 10 for _, k, _, _ in bench.TABLE_COLUMNS})
     table = bench.ablation_table(tmp_path / "no_runs", "mixed", [0, 1], args)
     assert [row[0] for row in table["rows"]][-2:] == ["BC-All (5 steps)", "BC-Safe (5 steps)"]
     assert table["rows"][1][1]["seeds"] == [10.0, 110.0]
     with pytest.raises(FileNotFoundError, match="seed 2"):
         bench.ablation_table(tmp_path / "no_runs", "mixed", [0, 1, 2], args)
+    # figures banked for other settings or other starts are not put in the table
+    bench.bank(args, "mixed", 1, "proposals", key, {k: 0.0 for _, k, _, _ in bench.TABLE_COLUMNS})
+    with pytest.raises(ValueError, match=r"seed1/proposals.json: banked for other \['recipes_sha256', 'settings'\]"):
+        bench.ablation_table(tmp_path / "no_runs", "mixed", [0, 1], args)
+    bench.bank(args, "mixed", 1, "proposals", bench._bank_key("other", args, *[(s, (r,)) for n, r, s in
+                                                                                bench.recipe_steps(args)
+                                                                                if n == "+proposals"][0]),
+               {k: 0.0 for _, k, _, _ in bench.TABLE_COLUMNS})
+    with pytest.raises(ValueError, match="held-out starts"):
+        bench.ablation_table(tmp_path / "no_runs", "mixed", [0, 1], args)
