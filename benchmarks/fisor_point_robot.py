@@ -438,8 +438,11 @@ def summarize_dataset(behavior: str, data: dict, per_seed: dict, seeds: list[int
 TABLE_COLUMNS = (
     ("violating from held-out feasible starts", "feasible_start_violation_rate", 100, "%"),
     ("of the tight ones", "feasible_start_violation_rate_tight", 100, "%"),
+    ("of the others", "feasible_start_violation_rate_other", 100, "%"),
     ("goal rate from them", "goal_rate", 1, ""),
     ("random starts: mean episode cost", "random_start_cost", 1, ""),
+    *((f"normalised cost at limit {limit:g}", f"random_start_normalized_cost@{limit:g}", 1, "")
+      for limit in COST_LIMITS),
     ("random starts: return", "random_start_return", 1, ""),
     ("standard start: violating steps", "standard_start_violations", 1, ""),
     ("standard start: goal rate", "standard_start_goal_rate", 1, ""),
