@@ -450,8 +450,9 @@ TABLE_COLUMNS = (
 
 
 def _cell(values: list[float], unit: str) -> dict:
-    cell = {"seeds": [round(v, 4) for v in values], "mean": round(statistics.fmean(values), 4),
-            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
+    digits = 2 if unit == "%" else 3  # percentages of 2000 starts move in steps of 0.05
+    cell = {"seeds": [round(v, digits) for v in values], "mean": round(statistics.fmean(values), digits),
+            "std": round(statistics.stdev(values), digits) if len(values) > 1 else 0.0}
     return {**cell, "unit": unit} if unit else cell
 
 
@@ -504,7 +505,7 @@ def write_table_json(path: Path, run_dir: Path, seeds: list[int], args) -> None:
         "machine": f"{runs.cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
         "command": f"python benchmarks/fisor_point_robot.py --seeds {' '.join(map(str, seeds))} --datasets mixed "
-                   f"--ablation --jobs 2",
+                   f"--ablation" + (f" --bank {args.bank}" if args.bank else ""),
         "protocol": f"Each step adds one departure to the published recipe (the ones before it kept); the last row "
                     f"but two is the variant's recipe. {args.feasible_episodes} held-out feasible starts "
                     f"(evaluation stream {args.start_seed}), {args.random_episodes} random starts (episode seeds "
