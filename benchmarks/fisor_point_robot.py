@@ -451,8 +451,9 @@ TABLE_COLUMNS = (
 
 def _cell(values: list[float], unit: str) -> dict:
     digits = 2 if unit == "%" else 3  # percentages of 2000 starts move in steps of 0.05
-    cell = {"seeds": [round(v, digits) for v in values], "mean": round(statistics.fmean(values), digits),
-            "std": round(statistics.stdev(values), digits) if len(values) > 1 else 0.0}
+    shown = [round(v, digits) for v in values]  # the mean and std of the figures as shown
+    cell = {"seeds": shown, "mean": round(statistics.fmean(shown), digits),
+            "std": round(statistics.stdev(shown), digits) if len(shown) > 1 else 0.0}
     return {**cell, "unit": unit} if unit else cell
 
 
