@@ -174,9 +174,7 @@ def test_banked_figures_resume_a_run_and_build_the_table_without_checkpoints(ben
     bench.bank(args, "mixed", 1, "proposals", key, {k: 0.0 for _, k, _, _ in bench.TABLE_COLUMNS})
     with pytest.raises(ValueError, match=r"seed1/proposals.json: banked for other \['recipes_sha256', 'settings'\]"):
         bench.ablation_table(tmp_path / "no_runs", "mixed", [0, 1], args)
-    bench.bank(args, "mixed", 1, "proposals", bench._bank_key("other", args, *[(s, (r,)) for n, r, s in
-                                                                                bench.recipe_steps(args)
-                                                                                if n == "+proposals"][0]),
+    bench.bank(args, "mixed", 1, "proposals", {**keys["proposals"], "starts_sha256": "other starts"},
                {k: 0.0 for _, k, _, _ in bench.TABLE_COLUMNS})
     with pytest.raises(ValueError, match="held-out starts"):
         bench.ablation_table(tmp_path / "no_runs", "mixed", [0, 1], args)

@@ -26,7 +26,8 @@ from typing import Optional, Union
 from lightning_saferl.data.format import DatasetError, check_file
 from lightning_saferl.data.tasks import DSRL_URL_BASE, TaskSpec
 
-__all__ = ["file_sha256", "dsrl_dataset_dir", "resolve_dataset", "download_file", "mirror_base", "dataset_url", "HF_DSRL_REPO"]
+__all__ = ["file_sha256", "dsrl_dataset_dir", "resolve_dataset", "download_file", "mirror_base", "dataset_url",
+           "HF_DSRL_REPO"]
 
 _CHUNK = 1 << 20
 #: Hugging Face dataset repo mirroring DSRL's files under their DSRL names (pointed to by DSRL's maintainers
