@@ -10,7 +10,7 @@ vertices at critic-flagged states, the select band, the cost tie-break):
   act_ms_batch20         median ms of one `act` on 20 observations (the evaluation's batch)
   eval_seconds           wall seconds of `--episodes` random-start episodes (EpisodeRunner, all episodes at once)
 and each figure of `reference_act`, the plain formulation (the noise network as its docstring writes it with torch's
-mish, the schedule read from tensors, one critic call per quantity, V_h recomputed, Q_c at every flagged state), in
+mish, the schedule read from tensors, one critic call per quantity, V_h recomputed, Q_c at every state), in
 the same run, alternating call by call, with the ratio reference / library. Both choose the same actions from the
 same random numbers, equal up to float rounding (tests/test_fisor_acting.py). Last line: one JSON object. Timings on
 a shared machine are noisy: the load average is printed; the ratios are measured in one run.
@@ -76,19 +76,23 @@ def reference_act(actor, obs: torch.Tensor) -> torch.Tensor:
     feasibility = actor.feasibility_critic
     candidate_q_h = _scores(feasibility, obs, candidates)
     actions = actor._choose(obs, candidates, candidate_q_h)
+    lowest = candidate_q_h.min(1).values
     margin = hp.feasibility_margin if hp.get("proposal_margin") is None else hp.proposal_margin
     flagged = (feasibility.value(obs) > -margin).nonzero().squeeze(1)
     proposals = actor._proposals(len(flagged), obs)
     proposal_q_h = _scores(feasibility, obs[flagged], proposals)
-    better = proposal_q_h.min(1).values < candidate_q_h[flagged].min(1).values - hp.proposal_gain
-    actions[flagged[better]] = proposals[better, proposal_q_h.argmin(1)[better]]
+    for i, state in enumerate(flagged.tolist()):
+        if proposal_q_h[i].min() < lowest[state] - hp.proposal_gain:
+            near = proposal_q_h[i] <= proposal_q_h[i].min() + hp.get("proposal_tolerance", 0.0)
+            distance = (proposals[i] - actions[state]).norm(dim=-1).masked_fill(~near, float("inf"))
+            actions[state] = proposals[i, distance.argmin()]
     if hp.cost_tiebreak > 0:
-        pool, pool_q_h = candidates[flagged], candidate_q_h[flagged]
-        q_c = _scores(actor.cost_critic, obs[flagged], pool)
-        ties = pool_q_h <= pool_q_h.min(1, keepdim=True).values + hp.cost_tiebreak
-        shortest = pool[torch.arange(len(flagged)), q_c.masked_fill(~ties, float("inf")).argmin(1)]
-        infeasible = feasibility.value(obs[flagged]) > 0
-        actions[flagged] = torch.where(infeasible[:, None], shortest, actions[flagged])
+        lowest[flagged] = torch.minimum(lowest[flagged], proposal_q_h.min(1).values)
+        q_c = _scores(actor.cost_critic, obs, candidates)
+        ties = candidate_q_h <= candidate_q_h.min(1, keepdim=True).values + hp.cost_tiebreak
+        shortest = candidates[torch.arange(len(obs)), q_c.masked_fill(~ties, float("inf")).argmin(1)]
+        unavoidable = (feasibility.value(obs) > 0) & (lowest > 0)
+        actions = torch.where(unavoidable[:, None], shortest, actions)
     return actions
 
 

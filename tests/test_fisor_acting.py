@@ -26,8 +26,9 @@ def _variant_actor(**kwargs) -> FisorActor:
     return FisorActor(4, 2, *critics, hidden_dim=16, num_blocks=1, **options).eval()
 
 
-def test_variant_acting_chooses_the_reference_actions_on_the_same_random_numbers():
-    actor = _variant_actor()
+@pytest.mark.parametrize("tolerance", [0.0, 0.05])
+def test_variant_acting_chooses_the_reference_actions_on_the_same_random_numbers(tolerance):
+    actor = _variant_actor(proposal_tolerance=tolerance)
     obs = torch.randn(40, 4) * 3
     v_h = actor.feasibility_critic.value(obs).detach()
     # every branch occurs: feasible (no proposals), flagged but feasible (proposals), infeasible (cost tie-break)
@@ -76,10 +77,11 @@ def test_mish_without_gradients_is_within_a_few_ulp_and_with_gradients_is_torchs
 
 
 @pytest.mark.parametrize("tiebreak", [0.0, 0.05])
-def test_variant_acting_without_proposals_keeps_the_tie_break_at_infeasible_states_only(tiebreak):
-    """The path without proposals (the one torch.compile takes on CUDA) applies the cost tie-break where V_h > 0."""
+def test_variant_acting_without_proposals_keeps_the_tie_break_where_no_candidate_escapes(tiebreak):
+    """The path without proposals (the one torch.compile takes on CUDA) applies the cost tie-break where V_h > 0 and
+    every candidate has Q_h > 0; a state with V_h > 0 and a candidate with Q_h <= 0 keeps the lowest-Q_h rule."""
     actor = _variant_actor(uniform_proposals=0, proposal_vertices=False, cost_tiebreak=tiebreak)
-    obs = torch.randn(30, 4) * 3
+    obs = torch.randn(60, 4) * 3
     torch.manual_seed(2)
     chosen = actor.act(obs)
     torch.manual_seed(2)
@@ -87,12 +89,15 @@ def test_variant_acting_without_proposals_keeps_the_tie_break_at_infeasible_stat
     q_h = actor._scores(actor.feasibility_critic, obs, candidates)
     plain = actor._choose(obs, candidates, q_h)
     infeasible = actor.feasibility_critic.value(obs) > 0
-    assert torch.equal(chosen[~infeasible], plain[~infeasible])
+    unavoidable = infeasible & (q_h.min(1).values > 0)
+    assert unavoidable.sum() >= 3 and (infeasible & ~unavoidable).sum() >= 3  # both kinds of V_h > 0 state occur
+    assert torch.equal(chosen[~unavoidable], plain[~unavoidable])
     if tiebreak > 0:
         q_c = actor._scores(actor.cost_critic, obs, candidates)
         ties = q_h <= q_h.min(1, keepdim=True).values + tiebreak
-        shortest = candidates[torch.arange(30), q_c.masked_fill(~ties, float("inf")).argmin(1)]
-        assert torch.equal(chosen[infeasible], shortest[infeasible])
+        shortest = candidates[torch.arange(60), q_c.masked_fill(~ties, float("inf")).argmin(1)]
+        assert torch.equal(chosen[unavoidable], shortest[unavoidable])
+        assert not torch.equal(chosen[unavoidable], plain[unavoidable])  # the tie-break changes something
 
 
 class _FlatInfeasibleCritic(torch.nn.Module):

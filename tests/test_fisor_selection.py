@@ -123,6 +123,60 @@ def test_snapped_or_added_vertices_reach_the_box_vertex_that_uniform_proposals_o
         FisorActor(obs_dim=3, act_dim=2, proposal_vertices=True)
 
 
+class _FirstCoordinateCostCritic(torch.nn.Module):
+    """Q_c(s, a) = a_0: the tie-break would take the candidate with the lowest first coordinate."""
+
+    def q_value_rows(self, obs, rows, act):
+        return act[:, 0]
+
+
+def test_proposal_tolerance_takes_the_safe_proposal_nearest_to_the_candidates_choice(monkeypatch):
+    """Q_h = |a - (1, -1)| - 1: the lowest-Q_h proposal is near the corner; with a tolerance p the proposal that acts
+    is the nearest to the candidates' choice (0.1, -0.1) among those within p of the lowest Q_h."""
+    candidates = torch.tensor([[[0.0, 0.0], [0.1, -0.1], [-0.1, 0.1]]])
+    obs = torch.tensor([[0.1, 0.0, 0.0]])  # flagged: V_h = 0.1 > -0.25
+
+    def chosen(tolerance: float) -> torch.Tensor:
+        actor = FisorActor(obs_dim=3, act_dim=2, hidden_dim=16, num_blocks=1, num_candidates=3,
+                           feasibility_margin=0.25, uniform_proposals=2048, proposal_tolerance=tolerance)
+        monkeypatch.setattr(actor, "sample_candidates", lambda obs, n: candidates)
+        actor.feasibility_critic = _CornerCritic()
+        torch.manual_seed(0)
+        return actor.act(obs)[0]
+
+    corner, choice = torch.tensor([1.0, -1.0]), torch.tensor([0.1, -0.1])
+    critic = _CornerCritic()
+    safest = chosen(0.0)
+    assert (safest - corner).norm() < 0.05
+    for tolerance in (0.2, 0.5):
+        near = chosen(tolerance)
+        q_h = critic.q_value(obs, near[None])[0]
+        assert q_h <= critic.q_value(obs, safest[None])[0] + tolerance       # within the tolerance of the lowest
+        assert q_h > critic.q_value(obs, safest[None])[0] + tolerance - 0.05  # at its edge: the nearest such
+        assert (near - choice).norm() < (safest - choice).norm() - 0.5 * tolerance
+    with pytest.raises(ValueError, match="proposal_tolerance is a Q_h tolerance >= 0"):
+        FisorActor(obs_dim=3, act_dim=2, uniform_proposals=8, proposal_tolerance=-0.1)
+
+
+def test_cost_tiebreak_leaves_a_state_alone_where_a_proposal_has_an_escape(monkeypatch):
+    """V_h > 0 at both states; at row 0 a proposal near the corner scores Q_h <= 0 (an escape), so it is kept; at
+    row 1 (a far-off corner: every action's Q_h > 0) the cost tie-break picks among the candidates."""
+    candidates = torch.tensor([[[0.0, 0.0], [0.1, -0.1], [-0.1, 0.1]]]).expand(2, 3, 2)
+
+    class Critic(_CornerCritic):
+        def q_value(self, obs, act):  # row 1 of obs (obs[:, 1] = 5) puts every action 5 further from safety
+            return super().q_value(obs, act) + obs[:, 1]
+
+    actor = FisorActor(obs_dim=3, act_dim=2, hidden_dim=16, num_blocks=1, num_candidates=3, feasibility_margin=0.25,
+                       uniform_proposals=256, cost_tiebreak=1.0)
+    monkeypatch.setattr(actor, "sample_candidates", lambda obs, n: candidates)
+    actor.feasibility_critic, actor.cost_critic = Critic(), _FirstCoordinateCostCritic()
+    torch.manual_seed(0)
+    actions = actor.act(torch.tensor([[0.1, 0.0, 0.0], [0.1, 5.0, 0.0]]))
+    assert (actions[0] - torch.tensor([1.0, -1.0])).norm() < 0.2
+    assert torch.equal(actions[1], torch.tensor([-0.1, 0.1]))
+
+
 def test_acting_settings_change_on_a_trained_actor_and_training_settings_do_not(monkeypatch):
     actor = _actor(monkeypatch, select_clearance=0.5)
     actor.set_acting_hparams({"select_tolerance": 0.05})

@@ -26,9 +26,15 @@ Departures, each off by default (the variant's recipe, configs/fisor_guard/, tur
       Q_h(s, u*) < min_c Q_h(s, c) - g        (g = ``proposal_gain``),
   since the lowest of K + N noisy estimates is biased low. ``proposal_snap`` p sets each coordinate of a proposal to
   its sign with probability p; ``proposal_vertices`` scores the box's 2^act_dim vertices beside them.
-* ``cost_tiebreak`` e > 0 with a ``cost_critic`` (discounted cost Q_c): where V_h(s) > 0 (a violation the critic
-  deems unavoidable, e.g. inside a hazard) every action's Q_h scores the same worst violation, not its length, so
-  the lowest Q_h is decided by critic error (and braking at rest repeats the state). There the action is
+  ``proposal_tolerance`` p > 0: where they replace it, the proposal that acts is the one nearest to the candidates'
+  choice among those with Q_h(s, u_k) <= Q_h(s, u*) + p, not u* itself: the lowest Q_h of K proposals is the most
+  evasive action, blind to the reward and to the arena's edge (leaving it is a termination, not a cost), and it
+  steered PointRobot out of the top of the arena; p = 0 keeps u*.
+* ``cost_tiebreak`` e > 0 with a ``cost_critic`` (discounted cost Q_c): where V_h(s) > 0 and no scored action
+  (candidate or proposal) has Q_h <= 0 (a violation the critic deems unavoidable, e.g. inside a hazard) every
+  action's Q_h scores the same worst violation, not its length, so the lowest Q_h is decided by critic error (and
+  braking at rest repeats the state); where an action with Q_h <= 0 was found, the state still has an escape and
+  the choice above stands. At the tie-break's states the action is
       argmin_{a in P} Q_c(s, a)  over  P = {a : Q_h(s, a) <= min_a' Q_h(s, a') + e},
   a among the candidates only: the tie is broken by the shortest violation. Uniform proposals stay out of P: Q_c
   is fitted on the data's actions, and its lowest value over hundreds of out-of-distribution proposals is mostly
@@ -84,7 +90,8 @@ class FisorActor(SafeRLModule):
     _compile_devices: tuple[str, ...] = ("cuda",)
     _compile_options: dict = {"mode": "reduce-overhead"}
     acting_hparams = ("num_candidates", "select", "select_tolerance", "select_clearance", "uniform_proposals",
-                      "proposal_gain", "proposal_snap", "proposal_vertices", "proposal_margin", "cost_tiebreak")
+                      "proposal_gain", "proposal_snap", "proposal_vertices", "proposal_margin", "proposal_tolerance",
+                      "cost_tiebreak")
     #: the critics an actor holds (init argument -> class): frozen, saved with the actor
     critic_classes = {"feasibility_critic": FeasibilityCritic, "reward_critic": RewardCritic,
                       "cost_critic": CostCritic}
@@ -99,7 +106,8 @@ class FisorActor(SafeRLModule):
                  num_candidates: int = 16, select: Literal["min_qh", "max_q"] = "min_qh",
                  select_tolerance: float = 0.0, select_clearance: float = 0.0, uniform_proposals: int = 0,
                  proposal_gain: float = 0.0, proposal_snap: float = 0.0, proposal_vertices: bool = False,
-                 proposal_margin: Optional[float] = None, cost_tiebreak: float = 0.0,
+                 proposal_margin: Optional[float] = None, proposal_tolerance: float = 0.0,
+                 cost_tiebreak: float = 0.0,
                  infeasible_temperature: float = 5.0, infeasible_weight_max: float = 150.0,
                  infeasible_weight_min: float = 0.0, feasibility_margin: float = 0.0,
                  feasible_temperature: float = 3.0, feasible_weight_max: float = 100.0,
@@ -145,6 +153,9 @@ class FisorActor(SafeRLModule):
             raise InputError(f"FisorActor: proposal_snap is a probability in [0, 1], got {snap}")
         if get("proposal_vertices") and proposals == 0:
             raise InputError("FisorActor: proposal_vertices needs uniform_proposals > 0 (they are scored together)")
+        if get("proposal_tolerance") < 0:
+            raise InputError(f"FisorActor: proposal_tolerance is a Q_h tolerance >= 0, got "
+                             f"{get('proposal_tolerance')}")
         if get("cost_tiebreak") < 0:
             raise InputError(f"FisorActor: cost_tiebreak is a Q_h tolerance >= 0, got {get('cost_tiebreak')}")
 
@@ -254,44 +265,43 @@ class FisorActor(SafeRLModule):
         return self._compiled("act", self._act, obs.device)(obs).clone()  # clone: CUDA-graph outputs are reused
 
     def _act(self, obs: torch.Tensor) -> torch.Tensor:
-        """N candidates per observation, then `_choose` (`_shortest_violation` where V_h > 0 with a cost tie-break)."""
+        """N candidates per observation, then `_choose` (`_shortest_violation` where the cost tie-break applies)."""
         candidates = self.sample_candidates(obs, self.hparams.num_candidates)
         if self._hp("cost_tiebreak") == 0 or candidates.shape[1] == 1:
             return self._choose(obs, candidates)
         q_h = self._scores(self.feasibility_critic, obs, candidates)
-        infeasible = self.feasibility_critic.value(obs) > 0  # all rows: static shapes for the compiled path
-        return torch.where(infeasible[:, None], self._shortest_violation(obs, candidates, q_h),
+        # all rows: static shapes for the compiled path
+        unavoidable = (self.feasibility_critic.value(obs) > 0) & (q_h.min(dim=1).values > 0)
+        return torch.where(unavoidable[:, None], self._shortest_violation(obs, candidates, q_h),
                            self._choose(obs, candidates, q_h))
 
     def _act_with_proposals(self, obs: torch.Tensor) -> torch.Tensor:
-        """As `_act`; at critic-infeasible states (V_h > -proposal_margin) the safest of K uniform proposals (some
-        coordinates snapped to the bounds with `proposal_snap`; the box's vertices added with `proposal_vertices`)
-        replaces the choice where it beats every candidate's Q_h by more than `proposal_gain`; with a cost
-        tie-break, the candidates are the pool of `_shortest_violation` at the states with V_h > 0 (eager:
-        the flagged rows are data-dependent). One feasibility-critic pass scores every candidate and the flagged
-        states' proposals; V_h(s) is computed once; Q_c only where the tie-break applies."""
+        """As `_act`; at critic-infeasible states (V_h > -proposal_margin) K uniform proposals (some coordinates
+        snapped to the bounds with `proposal_snap`; the box's vertices added with `proposal_vertices`) replace the
+        choice where their lowest Q_h beats every candidate's by more than `proposal_gain` (the one nearest to the
+        choice within `proposal_tolerance` of that lowest acts); then the cost tie-break among the candidates where
+        V_h > 0 and no scored action has Q_h <= 0 (eager: the flagged rows are data-dependent). V_h(s) is computed
+        once; the proposals and Q_c only at the states that use them."""
         h = self.hparams
         candidates = self.sample_candidates(obs, h.num_candidates)
+        v_h = self.feasibility_critic.value(obs)
+        candidate_q_h = self._scores(self.feasibility_critic, obs, candidates)
+        actions = self._choose(obs, candidates, candidate_q_h)
+        lowest = candidate_q_h.min(dim=1).values  # the lowest Q_h of every action scored at each state
         margin = self._hp("proposal_margin")
         margin = self._hp("feasibility_margin") if margin is None else margin
-        v_h = self.feasibility_critic.value(obs)
         flagged = (v_h > -margin).nonzero().squeeze(1)
         proposals = self._proposals(len(flagged), obs)
-        batch, num_candidates, num_proposals = obs.shape[0], candidates.shape[1], proposals.shape[1]
-        rows = torch.cat((torch.arange(batch, device=obs.device).repeat_interleave(num_candidates),
-                          flagged.repeat_interleave(num_proposals)))
-        q_h = self.feasibility_critic.q_value_rows(obs, rows, torch.cat((candidates.reshape(-1, h.act_dim),
-                                                                         proposals.reshape(-1, h.act_dim))))
-        candidate_q_h = q_h[:batch * num_candidates].view(batch, num_candidates)
-        proposal_q_h = q_h[batch * num_candidates:].view(len(flagged), num_proposals)
-        actions = self._choose(obs, candidates, candidate_q_h)
-        safest = proposal_q_h.argmin(dim=1)
-        better = proposal_q_h.min(dim=1).values < \
-            candidate_q_h[flagged].min(dim=1).values - self._hp("proposal_gain")
-        actions[flagged[better]] = proposals[better, safest[better]]
+        proposal_q_h = self._scores(self.feasibility_critic, obs[flagged], proposals)
+        safest = proposal_q_h.min(dim=1, keepdim=True).values
+        better = (safest[:, 0] < lowest[flagged] - self._hp("proposal_gain")).nonzero().squeeze(1)
+        near_safest = proposal_q_h[better] <= safest[better] + self._hp("proposal_tolerance")
+        distance = (proposals[better] - actions[flagged[better], None]).norm(dim=-1)
+        chosen = distance.masked_fill(~near_safest, float("inf")).argmin(dim=1)
+        actions[flagged[better]] = proposals[better, chosen]
+        lowest[flagged] = torch.minimum(lowest[flagged], safest[:, 0])
         if self._hp("cost_tiebreak") > 0:
-            infeasible = (v_h[flagged] > 0).nonzero().squeeze(1)  # positions in `flagged`
-            states = flagged[infeasible]
+            states = ((v_h > 0) & (lowest > 0)).nonzero().squeeze(1)
             actions[states] = self._shortest_violation(obs[states], candidates[states], candidate_q_h[states])
         return actions
 
@@ -312,7 +322,7 @@ class FisorActor(SafeRLModule):
 
     def _shortest_violation(self, obs: torch.Tensor, pool: torch.Tensor, pool_q_h: torch.Tensor) -> torch.Tensor:
         """(B, obs_dim), (B, P, act_dim), (B, P) -> (B, act_dim): the lowest-Q_c action among those within
-        `cost_tiebreak` of the pool's lowest Q_h (module docstring; the choice where V_h(s) > 0)."""
+        `cost_tiebreak` of the pool's lowest Q_h (module docstring; the choice where the tie-break applies)."""
         q_c = self._scores(self.cost_critic, obs, pool)
         ties = pool_q_h <= pool_q_h.min(dim=1, keepdim=True).values + self.hparams.cost_tiebreak
         return pool[torch.arange(obs.shape[0], device=obs.device), q_c.masked_fill(~ties, float("inf")).argmin(1)]
