@@ -16,10 +16,12 @@ FLOPs: matrix-multiply FLOPs counted from the layer shapes as executed (2 * rows
 layer; the diffusion time-conditioning MLP runs on the T distinct times, not per row), training = 3 x forward
 for the networks being trained plus 1 x forward for networks only evaluated (target Q, V(s')).
 ``*_fraction_of_peak`` divides the achieved FLOP rate by ``peak_gflops``: the median rate of a 2048^3 float32
-matmul measured in the same run with the same threads (sampled before and after the module timings, pooled).
+matmul measured in the same run with the same threads (sampled before and after the module timings and once in
+each round of the stage timings, pooled).
 
 The quick start's stages (``--recipe``, default the quick start's recipe): each stage's training step as the recipe
-builds it (networks, batch size, precision), its FLOPs, its median time and fraction of the peak, and the stage's
+builds it (networks, batch size, precision), its FLOPs, its median time (over rounds that alternate the stages and
+a peak sample, so a burst of other load falls on all of them alike) and fraction of the peak, and the stage's
 arithmetic limit, ``max_steps x step FLOPs / peak``; ``quick_start_flop_limit_minutes`` sums the stages' limits
 (the least time the quick start's training can take on this machine at the measured fp32 matmul peak), and
 ``quick_start_step_minutes`` sums ``max_steps x median step time`` (the stages one after another, no Trainer).
@@ -30,6 +32,7 @@ the values. Timings on a shared machine are noisy: the table shows the spread an
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -71,10 +74,10 @@ def repeat(fn: Callable[[int], object], repeats: int, warmup: int = 3) -> dict[s
     return summarize(samples)
 
 
-def matmul_samples(repeats: int, n: int = PEAK_SIZE) -> list[float]:
-    """Seconds per float32 n x n x n matmul, `repeats` samples after 3 warm-up calls."""
+def matmul_samples(repeats: int, n: int = PEAK_SIZE, warmup: int = 3) -> list[float]:
+    """Seconds per float32 n x n x n matmul, `repeats` samples after `warmup` untimed calls."""
     a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    for _ in range(3):
+    for _ in range(warmup):
         torch.mm(a, b, out=c)
     samples = []
     for _ in range(repeats):
@@ -239,24 +242,43 @@ def stage_step_flops(module, batch_size: int) -> int:
     return critic_step_flops(module, batch_size)
 
 
-def time_recipe_stages(recipe: Path, path: Path, reps: int) -> tuple[dict, list]:
-    """Build every stage of `recipe` as it trains (critics handed to the actor in memory) and time its step with a
-    bare loop at the stage's batch size and precision."""
+def time_recipe_stages(recipe: Path, path: Path, rounds: int, seconds_per_round: float = 0.2,
+                       peak_samples: Optional[list] = None) -> tuple[dict, list]:
+    """Build every stage of `recipe` as it trains (copies of the critics handed to the actor) and time its step with a
+    bare loop at the stage's batch size and precision. The stages are timed in `rounds` alternating rounds (each
+    stage about `seconds_per_round` per round, one sample = that stretch's mean step time), with one peak matmul
+    appended to `peak_samples` per round: a burst of the host's other load falls on every stage and on the peak
+    alike, so their ratios hold where single figures would not."""
     import importlib
 
-    modules, figures, rows = {}, {}, []
-    for name, stage in recipe_stages(recipe).items():
+    modules, loops, stages = {}, {}, recipe_stages(recipe)
+    for name, stage in stages.items():
         module_name, cls = stage["class_path"].rsplit(".", 1)
-        inputs = {arg: modules[source] for arg, source in stage["inputs"].items()}
+        # copies, as the pipeline hands an actor its critics from their checkpoints: the actor freezes its own
+        inputs = {arg: copy.deepcopy(modules[source]) for arg, source in stage["inputs"].items()}
         module = getattr(importlib.import_module(module_name), cls)(OBS_DIM, ACT_DIM, **stage["init_args"], **inputs)
         modules[name] = module
         dm = datamodule(path, stage["batch_size"], seed=len(modules))
         if hasattr(module, "compute_sample_weights"):
             with torch.no_grad():
                 module.sample_weights = module.compute_sample_weights(dm.transitions)
-        autocast = torch.bfloat16 if stage["precision"].startswith("bf16") else None
-        stats = repeat(BareLoop(module, dm, autocast), reps)
-        flops = stage_step_flops(module, stage["batch_size"])
+        loops[name] = BareLoop(module, dm, torch.bfloat16 if stage["precision"].startswith("bf16") else None)
+        for i in range(3):  # warm-up
+            loops[name](i)
+    samples: dict[str, list[float]] = {name: [] for name in stages}
+    for _ in range(rounds):
+        if peak_samples is not None:
+            peak_samples += matmul_samples(1, warmup=0)
+        for name, loop in loops.items():
+            calls, start = 0, time.perf_counter()
+            while calls == 0 or time.perf_counter() - start < seconds_per_round:
+                loop(calls)
+                calls += 1
+            samples[name].append((time.perf_counter() - start) / calls)
+    figures, rows = {}, []
+    for name, stage in stages.items():
+        stats = summarize(samples[name])
+        flops = stage_step_flops(modules[name], stage["batch_size"])
         figures[name] = {"max_steps": stage["max_steps"], "batch_size": stage["batch_size"],
                          "precision": stage["precision"], "step_gflop": flops / 1e9, "step_ms": stats["median"]}
         rows.append((f"quick start: {name}, batch {stage['batch_size']}, {stage['precision']}", stats,
@@ -335,7 +357,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             actor.sample_weights = actor.compute_sample_weights(dm1024.transitions)
 
         # -- the quick start's stages as its recipe trains them
-        stages, stage_rows = time_recipe_stages(args.recipe, path, reps)
+        stages, stage_rows = time_recipe_stages(args.recipe, path, reps, 0.02 if args.quick else 0.2, peak_samples)
         rows += stage_rows
 
         # -- actor step at 1024
@@ -420,7 +442,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     peak_samples += matmul_samples(max(reps // 2, 5))
     peak = 2 * PEAK_SIZE**3 / statistics.median(peak_samples) / 1e9
     out["peak_gflops"] = peak
-    rows.insert(0, (f"peak: {PEAK_SIZE}^3 fp32 matmul (start + end)", summarize(peak_samples), f"{peak:.1f} GFLOP/s"))
+    rows.insert(0, (f"peak: {PEAK_SIZE}^3 fp32 matmul (pooled)", summarize(peak_samples), f"{peak:.1f} GFLOP/s"))
     relate_stages_to_peak(stages, peak)
     out.update(quick_start_recipe=str(args.recipe), quick_start_stages=stages,
                quick_start_flop_limit_minutes=sum(s["flop_limit_minutes"] for s in stages.values()),
