@@ -26,10 +26,10 @@ Departures, each off by default (the variant's recipe, configs/fisor_guard/, tur
       Q_h(s, u*) < min_c Q_h(s, c) - g        (g = ``proposal_gain``),
   since the lowest of K + N noisy estimates is biased low. ``proposal_snap`` p sets each coordinate of a proposal to
   its sign with probability p; ``proposal_vertices`` scores the box's 2^act_dim vertices beside them.
-  ``proposal_tolerance`` p > 0: where they replace it, the proposal that acts is the one nearest to the candidates'
-  choice among those with Q_h(s, u_k) <= Q_h(s, u*) + p, not u* itself: the lowest Q_h of K proposals is the most
+  ``proposal_tolerance`` r > 0: where they replace it, the proposal that acts is the one nearest to the candidates'
+  choice among those with Q_h(s, u_k) <= Q_h(s, u*) + r, not u* itself: the lowest Q_h of K proposals is the most
   evasive action, blind to the reward and to the arena's edge (leaving it is a termination, not a cost), and it
-  steered PointRobot out of the top of the arena; p = 0 keeps u*.
+  steered PointRobot out of the top of the arena; r = 0 keeps u*.
 * ``cost_tiebreak`` e > 0 with a ``cost_critic`` (discounted cost Q_c): where V_h(s) > 0 and no scored action
   (candidate or proposal) has Q_h <= 0 (a violation the critic deems unavoidable, e.g. inside a hazard) every
   action's Q_h scores the same worst violation, not its length, so the lowest Q_h is decided by critic error (and
